@@ -1,0 +1,52 @@
+"""ambient-tracing: trace every AG-UI agent run to Langfuse and/or MLflow, and tell the browser
+its trace id so feedback lands on the right trace.
+
+Backends are imported lazily, so the package works (as a passthrough) without either vendor SDK.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
+from .config import LangfuseSettings, MlflowSettings, TracingConfig
+from .core import StreamTracer
+from .middleware import TRACE_ID_EVENT_NAME, TracingMiddleware
+from .observability import Observability
+from .stream import trace_agui_stream, trace_id_event
+
+if TYPE_CHECKING:
+    from .backends.langfuse import LangfuseBackend
+    from .backends.mlflow import MlflowBackend
+
+__all__ = [
+    "TRACE_ID_EVENT_NAME",
+    "LangfuseBackend",
+    "LangfuseSettings",
+    "MlflowBackend",
+    "MlflowSettings",
+    "Observability",
+    "Span",
+    "SpanKind",
+    "StreamTracer",
+    "TokenUsage",
+    "TracingBackend",
+    "TracingConfig",
+    "TracingMiddleware",
+    "TurnStart",
+    "trace_agui_stream",
+    "trace_id_event",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The vendor backends import their SDKs; load them only when asked for.
+    if name == "LangfuseBackend":
+        from .backends.langfuse import LangfuseBackend
+
+        return LangfuseBackend
+    if name == "MlflowBackend":
+        from .backends.mlflow import MlflowBackend
+
+        return MlflowBackend
+    raise AttributeError(f"module 'ambient_tracing' has no attribute {name!r}")

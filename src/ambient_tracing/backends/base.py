@@ -1,0 +1,112 @@
+"""The small protocol every tracing backend implements.
+
+The core speaks only this protocol: it opens one turn per AG-UI run, children under it, and ends
+each span exactly once. Backends translate that into a vendor SDK. Every method here is called on
+the event loop and must not do network I/O; `setup`, `flush` and `shutdown` are called from a
+worker thread and may block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+
+class SpanKind(StrEnum):
+    """What a span stands for; backends map it to their own span/observation types."""
+
+    TURN = "turn"
+    TOOL = "tool"
+    STEP = "step"
+    REASONING = "reasoning"
+    SUBAGENT = "subagent"
+    GENERATION = "generation"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """Token counts of one model in one run (from AG-UI ``RUN_FINISHED.usage``)."""
+
+    model: str | None = None
+    provider: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStart:
+    """Everything known about a run when its turn opens (at RUN_STARTED)."""
+
+    thread_id: str | None
+    run_id: str | None
+    user_id: str | None
+    user_name: str | None
+    runner_type: str
+    turn_number: int
+    input: Any
+    # 32 lowercase hex chars chosen by a backend that started earlier, so every backend records
+    # the run under one id. None: this backend picks the id.
+    trace_id: str | None = None
+    attributes: Mapping[str, Any] | None = None
+
+
+@runtime_checkable
+class Span(Protocol):
+    """An open span of one backend. Ended exactly once by the core."""
+
+    @property
+    def trace_id(self) -> str:
+        """The trace id as 32 lowercase hex characters."""
+        ...
+
+    def start_child(
+        self,
+        name: str,
+        kind: SpanKind,
+        *,
+        input: Any = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> Span: ...
+
+    def set_input(self, input: Any) -> None:
+        """Record the span's input once it is known (tool arguments arrive after the call starts)."""
+        ...
+
+    def end(
+        self,
+        *,
+        output: Any = None,
+        error: str | None = None,
+        model: str | None = None,
+        usage: Sequence[TokenUsage] = (),
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """End the span; ``error`` set means ERROR status with that message."""
+        ...
+
+
+@runtime_checkable
+class TracingBackend(Protocol):
+    """One vendor. ``start_turn`` returns None when the run is not recorded (sampled out, not ready)."""
+
+    name: str
+
+    def setup(self) -> None:
+        """Blocking one-time preparation (experiment lookup, SDK init). Runs in a worker thread."""
+        ...
+
+    def start_turn(self, turn: TurnStart) -> Span | None: ...
+
+    def flush(self, timeout: float) -> None:
+        """Blocking: export what is pending. Runs in a worker thread."""
+        ...
+
+    def shutdown(self) -> None:
+        """Blocking: release the SDK's resources. Runs in a worker thread."""
+        ...

@@ -1,0 +1,158 @@
+"""Configuration, read once from the environment into frozen objects.
+
+The variable names are the ambient-code runner's, so a deployment configured for the runner works
+unchanged. Nothing else in the package reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+logger = logging.getLogger("ambient_tracing")
+
+DEFAULT_RUNNER_TYPE = "claude-agent-sdk"
+DEFAULT_EXPERIMENT_NAME = "ambient-code-sessions"
+DEFAULT_FLUSH_TIMEOUT = 30.0
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class LangfuseSettings:
+    public_key: str
+    secret_key: str
+    host: str
+    sample_rate: float | None = None
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class MlflowSettings:
+    tracking_uri: str
+    experiment_name: str = DEFAULT_EXPERIMENT_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """What to trace to and how. ``langfuse``/``mlflow`` are None when that backend is off."""
+
+    langfuse: LangfuseSettings | None = None
+    mlflow: MlflowSettings | None = None
+    runner_type: str = DEFAULT_RUNNER_TYPE
+    mask_messages: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TracingConfig:
+        """Parse the runner's variables; a misconfigured backend is switched off with one warning."""
+        env = os.environ if environ is None else environ
+        listed = {
+            name.strip().lower()
+            for name in env.get("OBSERVABILITY_BACKENDS", "langfuse").split(",")
+            if name.strip()
+        }
+        return cls(
+            langfuse=_langfuse_settings(env) if "langfuse" in listed else None,
+            mlflow=_mlflow_settings(env) if "mlflow" in listed else None,
+            runner_type=runner_type_slug(env.get("RUNNER_TYPE", "")),
+            mask_messages=_flag(env, "LANGFUSE_MASK_MESSAGES", default=True),
+        )
+
+
+def runner_type_slug(value: str) -> str:
+    """``RUNNER_TYPE`` as the runner tags it: lower case, spaces and odd characters as dashes."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", value.strip().lower()).strip("-")
+    return slug or DEFAULT_RUNNER_TYPE
+
+
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw not in _FALSE:
+        logger.warning("ambient-tracing: %s=%r is not a boolean; using %s", name, raw, default)
+        return default
+    return False
+
+
+def _is_http_url(value: str) -> bool:
+    parsed = urlparse(value)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+def _langfuse_settings(env: Mapping[str, str]) -> LangfuseSettings | None:
+    if not _flag(env, "LANGFUSE_ENABLED", default=False):
+        return None
+    host = env.get("LANGFUSE_HOST") or env.get("LANGFUSE_BASE_URL") or ""
+    missing = [
+        name
+        for name, value in (
+            ("LANGFUSE_PUBLIC_KEY", env.get("LANGFUSE_PUBLIC_KEY")),
+            ("LANGFUSE_SECRET_KEY", env.get("LANGFUSE_SECRET_KEY")),
+            ("LANGFUSE_HOST", host),
+        )
+        if not value
+    ]
+    if missing:
+        logger.warning("ambient-tracing: Langfuse tracing is off: %s not set", ", ".join(missing))
+        return None
+    if not _is_http_url(host):
+        logger.warning(
+            "ambient-tracing: Langfuse tracing is off: LANGFUSE_HOST=%r is not an http(s) URL", host
+        )
+        return None
+    return LangfuseSettings(
+        public_key=env["LANGFUSE_PUBLIC_KEY"],
+        secret_key=env["LANGFUSE_SECRET_KEY"],
+        host=host.rstrip("/"),
+        sample_rate=_rate(env, "LANGFUSE_SAMPLE_RATE"),
+        flush_timeout=_seconds(env, "LANGFUSE_FLUSH_TIMEOUT", DEFAULT_FLUSH_TIMEOUT),
+    )
+
+
+def _mlflow_settings(env: Mapping[str, str]) -> MlflowSettings | None:
+    if not _flag(env, "MLFLOW_TRACING_ENABLED", default=False):
+        return None
+    uri = env.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        logger.warning("ambient-tracing: MLflow tracing is off: MLFLOW_TRACKING_URI not set")
+        return None
+    scheme = urlparse(uri).scheme
+    if scheme not in ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", ""):
+        logger.warning(
+            "ambient-tracing: MLflow tracing is off: MLFLOW_TRACKING_URI=%r has an unknown scheme", uri
+        )
+        return None
+    return MlflowSettings(
+        tracking_uri=uri,
+        experiment_name=env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT_NAME,
+    )
+
+
+def _rate(env: Mapping[str, str], name: str) -> float | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        rate = float(raw)
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:
+        logger.warning("ambient-tracing: %s=%r is not a number in [0, 1]; not sampling", name, raw)
+        return None
+    return rate
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        logger.warning("ambient-tracing: %s=%r is not a number of seconds; using %s", name, raw, default)
+        return default

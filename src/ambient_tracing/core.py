@@ -1,0 +1,451 @@
+"""The core: AG-UI events in, trace operations out.
+
+One :class:`StreamTracer` follows one event stream (an HTTP response or a Python generator), which
+may carry several runs. Events are the raw JSON dicts (camelCase keys), so unknown, legacy and
+malformed events never raise: they are skipped. Nothing here knows HTTP or a vendor SDK; the
+spans it opens come from :class:`~ambient_tracing.observability.Observability`.
+
+Each event kind has one ``_on_<kind>`` method; :data:`_HANDLERS` maps the wire ``type`` to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import Span, SpanKind, TokenUsage
+from .masking import MAX_VISIBLE_CHARS, mask
+from .request import RunRequest, last_user_message
+
+if TYPE_CHECKING:
+    from .observability import Observability, Turn
+
+logger = logging.getLogger("ambient_tracing")
+
+#: Most characters of assistant text, tool arguments, tool results and reasoning kept per span.
+MAX_TEXT_CHARS = 32_768
+
+Event = Mapping[str, Any]
+
+
+class _Text:
+    """Appends text up to a character budget; counts what it had to leave out."""
+
+    __slots__ = ("_dropped", "_parts", "_room")
+
+    def __init__(self, limit: int) -> None:
+        self._parts: list[str] = []
+        self._room = limit
+        self._dropped = 0
+
+    def add(self, text: Any) -> None:
+        if not isinstance(text, str):
+            return
+        room = self._room
+        if len(text) <= room:
+            self._parts.append(text)
+            self._room = room - len(text)
+        else:
+            if room > 0:
+                self._parts.append(text[:room])
+                self._room = 0
+            self._dropped += len(text) - room if room > 0 else len(text)
+
+    def value(self) -> str | None:
+        if not self._parts:
+            return None
+        text = "".join(self._parts)
+        return _truncated(text, self._dropped) if self._dropped else text
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    span: Span
+    arguments: _Text
+    arguments_recorded: bool = False
+
+
+@dataclass(slots=True)
+class _Reasoning:
+    span: Span
+    text: _Text
+    implicit: bool
+
+
+@dataclass(slots=True)
+class _Run:
+    turn: Turn
+    text: _Text
+    other_role_messages: set[str] = field(default_factory=set)
+    tools: dict[str, _ToolCall] = field(default_factory=dict)
+    steps: list[tuple[str, Span]] = field(default_factory=list)
+    reasoning: list[_Reasoning] = field(default_factory=list)
+    subagents: dict[str, Span] = field(default_factory=dict)
+
+
+class StreamTracer:
+    """Traces the runs of one AG-UI event stream.
+
+    Feed every event to :meth:`on_event`; it returns the trace id to announce right after an event
+    that opened a traced run, else None. Call :meth:`close` once when the stream ends, however it
+    ends, so nothing stays open.
+    """
+
+    __slots__ = ("_observability", "_request", "_run", "_text_limit", "_warned")
+
+    def __init__(self, observability: Observability, request: RunRequest) -> None:
+        self._observability = observability
+        self._request = request
+        self._run: _Run | None = None
+        self._warned = False
+        self._text_limit = MAX_VISIBLE_CHARS + 1 if observability.mask_messages else MAX_TEXT_CHARS
+
+    @property
+    def trace_id(self) -> str | None:
+        """The id of the run being traced now, if any."""
+        return self._run.turn.trace_id if self._run else None
+
+    def on_event(self, event: Event) -> str | None:
+        kind = event.get("type")
+        if kind == "RUN_STARTED":
+            return self._on_run_started(event)
+        run = self._run
+        handler = _HANDLERS.get(kind) if run is not None and isinstance(kind, str) else None
+        if handler is not None:
+            handler(self, run, event)  # type: ignore[arg-type]
+        return None
+
+    def close(self, error: str | None = None) -> None:
+        """End the open run, if any: with ``error`` as its ERROR status, or as incomplete."""
+        if self._run is not None:
+            self._end_run(error=error or "stream ended before RUN_FINISHED")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def warn(self, message: str, *args: Any) -> None:
+        """Log at most one warning per stream: bad input must not flood the logs."""
+        if not self._warned:
+            self._warned = True
+            logger.warning("ambient-tracing: " + message, *args)
+
+    def _mask(self, value: Any) -> Any:
+        return mask(value) if self._observability.mask_messages else value
+
+    def _parent(self, run: _Run, event: Event) -> Span:
+        subagent = run.subagents.get(_id(event, "subagentRunId"))
+        if subagent is not None:
+            return subagent
+        return run.steps[-1][1] if run.steps else run.turn.span
+
+    def _record_arguments(self, call: _ToolCall) -> None:
+        if not call.arguments_recorded:
+            call.arguments_recorded = True
+            call.span.set_input(self._mask(_json_or_text(call.arguments.value())))
+
+    def _end_run(
+        self,
+        *,
+        error: str | None = None,
+        usage: tuple[TokenUsage, ...] = (),
+        outcome: str | None = None,
+        result: Any = None,
+    ) -> None:
+        run = self._run
+        if run is None:
+            return
+        self._run = None
+        child_error = f"run ended: {error}" if error else None
+        for call in run.tools.values():
+            self._record_arguments(call)
+            call.span.end(error=child_error, attributes={"ambient.tool_result": "none"})
+        for reasoning in reversed(run.reasoning):
+            reasoning.span.end(output=self._mask(reasoning.text.value()), error=child_error)
+        for _, step in reversed(run.steps):
+            step.end(error=child_error)
+        for subagent in run.subagents.values():
+            subagent.end(error=child_error)
+        turn = run.turn
+        models = {entry.model for entry in usage}
+        if len(models) > 1:
+            # One generation per model, so each backend prices and sums them separately.
+            for entry in usage:
+                turn.span.start_child("model_usage", SpanKind.GENERATION).end(
+                    model=entry.model, usage=(entry,)
+                )
+            usage = ()
+        attributes = {"ambient.outcome": outcome} if outcome else None
+        output = run.text.value()
+        turn.span.end(
+            output=self._mask(output if output is not None else result),
+            error=error,
+            model=next(iter(models)) if len(models) == 1 else None,
+            usage=usage,
+            attributes=attributes,
+        )
+        self._observability.turn_ended(turn)
+        self._observability.stream_closed(self)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def _on_run_started(self, event: Event) -> str | None:
+        if self._run is not None:
+            self._end_run(error="a new RUN_STARTED arrived before RUN_FINISHED")
+        request = self._request
+        run_input = event.get("input")
+        user_message = (
+            last_user_message(run_input.get("messages")) if isinstance(run_input, Mapping) else None
+        )
+        turn = self._observability.open_turn(
+            thread_id=_str(event.get("threadId")) or request.thread_id,
+            run_id=_str(event.get("runId")) or request.run_id,
+            user_id=request.user_id,
+            user_name=request.user_name,
+            input=self._mask(user_message if user_message is not None else request.user_message),
+        )
+        if turn is None:
+            return None
+        self._run = _Run(turn=turn, text=_Text(self._text_limit))
+        self._observability.stream_opened(self)
+        return turn.trace_id
+
+    def _on_run_finished(self, run: _Run, event: Event) -> None:
+        outcome = event.get("outcome")
+        self._end_run(
+            usage=_usage(event.get("usage")),
+            outcome=outcome.get("type") if isinstance(outcome, Mapping) else None,
+            result=event.get("result"),
+        )
+
+    def _on_run_error(self, run: _Run, event: Event) -> None:
+        message = _str(event.get("message")) or "RUN_ERROR"
+        code = _str(event.get("code"))
+        self._end_run(error=f"{code}: {message}" if code else message, usage=_usage(event.get("usage")))
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def _on_text_start(self, run: _Run, event: Event) -> None:
+        role = event.get("role")
+        if role is not None and role != "assistant":
+            run.other_role_messages.add(_id(event, "messageId"))
+
+    def _on_text_content(self, run: _Run, event: Event) -> None:
+        if _id(event, "messageId") not in run.other_role_messages:
+            run.text.add(event.get("delta"))
+
+    def _on_text_chunk(self, run: _Run, event: Event) -> None:
+        self._on_text_start(run, event)
+        self._on_text_content(run, event)
+
+    # -- tool calls -----------------------------------------------------------------------------
+
+    def _on_tool_start(self, run: _Run, event: Event) -> None:
+        call_id = _id(event, "toolCallId")
+        name = _str(event.get("toolCallName")) or "unknown"
+        if not call_id or call_id in run.tools:
+            self.warn("TOOL_CALL_START without a toolCallId, or for a call already open: %r", call_id)
+            return
+        span = self._parent(run, event).start_child(
+            f"tool_{name}",
+            SpanKind.TOOL,
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name,
+                "gen_ai.tool.call.id": call_id,
+            },
+        )
+        run.tools[call_id] = _ToolCall(span=span, arguments=_Text(MAX_TEXT_CHARS))
+
+    def _on_tool_args(self, run: _Run, event: Event) -> None:
+        call = run.tools.get(_id(event, "toolCallId"))
+        if call is None:
+            self.warn("TOOL_CALL_ARGS for an unknown tool call %r", _id(event, "toolCallId"))
+            return
+        call.arguments.add(event.get("delta"))
+
+    def _on_tool_end(self, run: _Run, event: Event) -> None:
+        call = run.tools.get(_id(event, "toolCallId"))
+        if call is not None:
+            self._record_arguments(call)
+
+    def _on_tool_chunk(self, run: _Run, event: Event) -> None:
+        if _id(event, "toolCallId") not in run.tools and event.get("toolCallName"):
+            self._on_tool_start(run, event)
+        if event.get("delta") is not None:
+            self._on_tool_args(run, event)
+
+    def _on_tool_result(self, run: _Run, event: Event) -> None:
+        call_id = _id(event, "toolCallId")
+        call = run.tools.pop(call_id, None)
+        content = event.get("content")
+        if isinstance(content, str) and len(content) > MAX_TEXT_CHARS:
+            content = _truncated(content[:MAX_TEXT_CHARS], len(content) - MAX_TEXT_CHARS)
+        if call is None:
+            self.warn("TOOL_CALL_RESULT for an unknown tool call %r", call_id)
+            span = self._parent(run, event).start_child(
+                "tool_unknown", SpanKind.TOOL, attributes={"gen_ai.tool.call.id": str(call_id)}
+            )
+            span.end(output=self._mask(_json_or_text(content)))
+            return
+        self._record_arguments(call)
+        call.span.end(output=self._mask(_json_or_text(content)))
+
+    # -- steps, reasoning, subagents ------------------------------------------------------------
+
+    def _on_step_started(self, run: _Run, event: Event) -> None:
+        name = _str(event.get("stepName")) or "unnamed"
+        run.steps.append((name, self._parent(run, event).start_child(f"step_{name}", SpanKind.STEP)))
+
+    def _on_step_finished(self, run: _Run, event: Event) -> None:
+        steps = run.steps
+        name = _str(event.get("stepName")) or "unnamed"
+        for index in range(len(steps) - 1, -1, -1):
+            if steps[index][0] == name:
+                steps.pop(index)[1].end()
+                return
+        self.warn("STEP_FINISHED for a step that is not open: %r", name)
+
+    def _open_reasoning(self, run: _Run, event: Event, *, implicit: bool) -> _Reasoning:
+        reasoning = _Reasoning(
+            span=self._parent(run, event).start_child("reasoning", SpanKind.REASONING),
+            text=_Text(self._text_limit),
+            implicit=implicit,
+        )
+        run.reasoning.append(reasoning)
+        return reasoning
+
+    def _end_reasoning(self, run: _Run) -> None:
+        reasoning = run.reasoning.pop()
+        reasoning.span.end(output=self._mask(reasoning.text.value()))
+
+    def _on_reasoning_start(self, run: _Run, event: Event) -> None:
+        self._open_reasoning(run, event, implicit=False)
+
+    def _on_reasoning_end(self, run: _Run, event: Event) -> None:
+        if run.reasoning:
+            self._end_reasoning(run)
+
+    def _on_reasoning_message_start(self, run: _Run, event: Event) -> None:
+        if not run.reasoning:
+            self._open_reasoning(run, event, implicit=True)
+
+    def _on_reasoning_content(self, run: _Run, event: Event) -> None:
+        stack = run.reasoning
+        reasoning = stack[-1] if stack else self._open_reasoning(run, event, implicit=True)
+        reasoning.text.add(event.get("delta"))
+
+    def _on_reasoning_message_end(self, run: _Run, event: Event) -> None:
+        stack = run.reasoning
+        if stack and stack[-1].implicit:
+            self._end_reasoning(run)
+
+    def _on_subagent_started(self, run: _Run, event: Event) -> None:
+        subagent_id = _id(event, "subagentRunId")
+        if not subagent_id or subagent_id in run.subagents:
+            self.warn("SUBAGENT_STARTED without a subagentRunId, or for one already open: %r", subagent_id)
+            return
+        name = _str(event.get("name")) or "unnamed"
+        parent = run.subagents.get(_id(event, "parentSubagentRunId")) or self._parent(run, {})
+        run.subagents[subagent_id] = parent.start_child(
+            f"subagent_{name}",
+            SpanKind.SUBAGENT,
+            input=self._mask(event.get("description")),
+            attributes={"gen_ai.agent.name": name, "ambient.subagent_run_id": subagent_id},
+        )
+
+    def _on_subagent_finished(self, run: _Run, event: Event) -> None:
+        span = run.subagents.pop(_id(event, "subagentRunId"), None)
+        if span is not None:
+            outcome = event.get("outcome")
+            span.end(
+                output=self._mask(event.get("result")),
+                attributes={"ambient.outcome": outcome.get("type")} if isinstance(outcome, Mapping) else None,
+            )
+
+    def _on_subagent_error(self, run: _Run, event: Event) -> None:
+        span = run.subagents.pop(_id(event, "subagentRunId"), None)
+        if span is not None:
+            span.end(error=_str(event.get("message")) or "SUBAGENT_ERROR")
+
+
+_Handler = Callable[[StreamTracer, _Run, Event], None]
+
+_HANDLERS: dict[str, _Handler] = {
+    "RUN_FINISHED": StreamTracer._on_run_finished,
+    "RUN_ERROR": StreamTracer._on_run_error,
+    "TEXT_MESSAGE_START": StreamTracer._on_text_start,
+    "TEXT_MESSAGE_CONTENT": StreamTracer._on_text_content,
+    "TEXT_MESSAGE_CHUNK": StreamTracer._on_text_chunk,
+    "TOOL_CALL_START": StreamTracer._on_tool_start,
+    "TOOL_CALL_ARGS": StreamTracer._on_tool_args,
+    "TOOL_CALL_END": StreamTracer._on_tool_end,
+    "TOOL_CALL_CHUNK": StreamTracer._on_tool_chunk,
+    "TOOL_CALL_RESULT": StreamTracer._on_tool_result,
+    "STEP_STARTED": StreamTracer._on_step_started,
+    "STEP_FINISHED": StreamTracer._on_step_finished,
+    "REASONING_START": StreamTracer._on_reasoning_start,
+    "REASONING_END": StreamTracer._on_reasoning_end,
+    "REASONING_MESSAGE_START": StreamTracer._on_reasoning_message_start,
+    "REASONING_MESSAGE_CONTENT": StreamTracer._on_reasoning_content,
+    "REASONING_MESSAGE_CHUNK": StreamTracer._on_reasoning_content,
+    "REASONING_MESSAGE_END": StreamTracer._on_reasoning_message_end,
+    # AG-UI 0.x names of the reasoning events, still sent by older producers.
+    "THINKING_START": StreamTracer._on_reasoning_start,
+    "THINKING_END": StreamTracer._on_reasoning_end,
+    "THINKING_TEXT_MESSAGE_START": StreamTracer._on_reasoning_message_start,
+    "THINKING_TEXT_MESSAGE_CONTENT": StreamTracer._on_reasoning_content,
+    "THINKING_TEXT_MESSAGE_END": StreamTracer._on_reasoning_message_end,
+    "SUBAGENT_STARTED": StreamTracer._on_subagent_started,
+    "SUBAGENT_FINISHED": StreamTracer._on_subagent_finished,
+    "SUBAGENT_ERROR": StreamTracer._on_subagent_error,
+}
+
+
+def _id(event: Event, key: str) -> str:
+    """An id field of the event; "" when missing or not a string (never an id the core stores)."""
+    value = event.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _truncated(text: str, dropped: int) -> str:
+    return f"{text}... [{dropped} more characters not recorded]"
+
+
+def _json_or_text(text: Any) -> Any:
+    """Tool arguments and results: the parsed JSON value when the text is JSON, else the text."""
+    if isinstance(text, str) and text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _usage(entries: Any) -> tuple[TokenUsage, ...]:
+    """AG-UI ``usage`` (a list of TokenUsage dicts) as :class:`TokenUsage`; malformed entries skipped."""
+    if not isinstance(entries, list):
+        return ()
+    return tuple(
+        TokenUsage(
+            model=_str(entry.get("model")),
+            provider=_str(entry.get("provider")),
+            input_tokens=_int(entry.get("inputTokens")),
+            output_tokens=_int(entry.get("outputTokens")),
+            total_tokens=_int(entry.get("totalTokens")),
+            reasoning_tokens=_int(entry.get("reasoningTokens")),
+            cache_read_tokens=_int(entry.get("cachedInputTokens")),
+            cache_write_tokens=_int(entry.get("cacheWriteInputTokens")),
+        )
+        for entry in entries
+        if isinstance(entry, Mapping)
+    )

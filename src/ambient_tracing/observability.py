@@ -1,0 +1,231 @@
+"""Observability: the one object an app holds. It owns the backends and the per-thread trace ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import Span, TracingBackend, TurnStart
+from .config import DEFAULT_RUNNER_TYPE, TracingConfig
+from .fanout import FanoutSpan
+from .registry import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
+
+if TYPE_CHECKING:
+    from .core import StreamTracer
+
+logger = logging.getLogger("ambient_tracing")
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One traced run: its span in every backend that records it, under one trace id."""
+
+    span: Span
+    trace_id: str
+    thread_id: str | None
+
+
+class Observability:
+    """Backends plus the trace id state of every thread. Create one per app and share it.
+
+    Build it from the environment with :meth:`from_env`, or pass backend objects::
+
+        obs = Observability([MlflowBackend(tracking_uri="sqlite:///mlflow.db")])
+
+    With no backend it is a passthrough: the doors see :attr:`enabled` is False and do nothing.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[TracingBackend] = (),
+        *,
+        runner_type: str = DEFAULT_RUNNER_TYPE,
+        mask_messages: bool = True,
+        flush_timeout: float = 30.0,
+        max_threads: int = DEFAULT_MAX_THREADS,
+        thread_idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    ) -> None:
+        # MLflow cannot take a trace id from outside, so it starts first and the others adopt its id.
+        self.backends: tuple[TracingBackend, ...] = tuple(
+            sorted(backends, key=lambda backend: backend.name != "mlflow")
+        )
+        self.runner_type = runner_type
+        self.mask_messages = mask_messages
+        self.flush_timeout = flush_timeout
+        self._threads = ThreadRegistry(max_threads, thread_idle_seconds)
+        self._open_streams: set[StreamTracer] = set()
+        self._setup_lock = threading.Lock()
+        self._setup: Future[None] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Observability:
+        """Configure from the ambient runner's environment variables (see the README's table)."""
+        return cls.from_config(TracingConfig.from_env(environ))
+
+    @classmethod
+    def from_config(cls, config: TracingConfig) -> Observability:
+        backends: list[TracingBackend] = []
+        flush_timeout = 30.0
+        if config.langfuse is not None:
+            settings = config.langfuse
+            flush_timeout = settings.flush_timeout
+            try:
+                from .backends.langfuse import LangfuseBackend
+
+                backends.append(
+                    LangfuseBackend(
+                        public_key=settings.public_key,
+                        secret_key=settings.secret_key,
+                        host=settings.host,
+                        sample_rate=settings.sample_rate,
+                        flush_timeout=settings.flush_timeout,
+                    )
+                )
+            except ImportError:
+                logger.warning(
+                    "ambient-tracing: Langfuse tracing is off: LANGFUSE_ENABLED is set but the langfuse "
+                    "package is not installed (pip install 'ambient-tracing[langfuse]')"
+                )
+        if config.mlflow is not None:
+            try:
+                from .backends.mlflow import MlflowBackend
+
+                backends.append(
+                    MlflowBackend(
+                        tracking_uri=config.mlflow.tracking_uri,
+                        experiment_name=config.mlflow.experiment_name,
+                    )
+                )
+            except ImportError:
+                logger.warning(
+                    "ambient-tracing: MLflow tracing is off: MLFLOW_TRACING_ENABLED is set but the mlflow "
+                    "package is not installed (pip install 'ambient-tracing[mlflow]')"
+                )
+        return cls(
+            backends,
+            runner_type=config.runner_type,
+            mask_messages=config.mask_messages,
+            flush_timeout=flush_timeout,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any backend is configured; when False the doors pass everything through."""
+        return bool(self.backends) and not self._closed
+
+    # -- trace ids ---------------------------------------------------------------------------------
+
+    def current_trace_id(self, thread_id: str) -> str | None:
+        """The id of the thread's open turn (the Langfuse turn, or the MLflow one when Langfuse is off)."""
+        return self._threads.current(thread_id)
+
+    def last_trace_id(self, thread_id: str) -> str | None:
+        """The id of the thread's most recent turn, kept after it ends (for feedback)."""
+        return self._threads.last(thread_id)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare every backend (experiment lookup, SDK init) in a worker thread, once.
+
+        The middleware awaits this at ASGI lifespan startup; runs that arrive before it completes
+        are still traced by backends that need no preparation.
+        """
+        await asyncio.wrap_future(self._begin_setup())
+
+    def _begin_setup(self) -> Future[None]:
+        with self._setup_lock:
+            if self._setup is None:
+                self._setup = Future()
+                threading.Thread(
+                    target=self._setup_backends,
+                    args=(self._setup,),
+                    name="ambient-tracing-setup",
+                    daemon=True,
+                ).start()
+            return self._setup
+
+    def _setup_backends(self, done: Future[None]) -> None:
+        for backend in self.backends:
+            try:
+                backend.setup()
+            except Exception as exc:
+                logger.warning(
+                    "ambient-tracing: %s setup failed; its runs are not traced: %r", backend.name, exc
+                )
+        done.set_result(None)
+
+    async def aclose(self) -> None:
+        """End every open run, flush every backend off the event loop, and shut them down."""
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._open_streams):
+            stream.close(error="shutdown before the run finished")
+        for backend in self.backends:
+            await self._in_thread(backend.flush, self.flush_timeout, f"{backend.name} flush")
+            await self._in_thread(backend.shutdown, None, f"{backend.name} shutdown")
+
+    async def _in_thread(self, function: Any, argument: Any, what: str) -> None:
+        args = () if argument is None else (argument,)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(function, *args), timeout=self.flush_timeout + 1)
+        except Exception as exc:
+            logger.warning("ambient-tracing: %s failed: %r", what, exc)
+
+    # -- used by the doors -------------------------------------------------------------------------
+
+    def open_turn(
+        self,
+        *,
+        thread_id: str | None,
+        run_id: str | None,
+        user_id: str | None,
+        user_name: str | None,
+        input: Any,
+    ) -> Turn | None:
+        """Start the run's turn in every backend under one trace id; None when no backend records it."""
+        if self._setup is None:
+            self._begin_setup()
+        turn = TurnStart(
+            thread_id=thread_id,
+            run_id=run_id,
+            user_id=user_id,
+            user_name=user_name,
+            runner_type=self.runner_type,
+            turn_number=self._threads.next_turn_number(thread_id) if thread_id else 1,
+            input=input,
+            attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
+        )
+        spans: list[Span] = []
+        trace_id: str | None = None
+        for backend in self.backends:
+            try:
+                span = backend.start_turn(turn if trace_id is None else replace(turn, trace_id=trace_id))
+            except Exception as exc:
+                logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
+                continue
+            if span is not None:
+                spans.append(span)
+                trace_id = trace_id or span.trace_id
+        if trace_id is None:
+            return None
+        if thread_id:
+            self._threads.turn_started(thread_id, trace_id)
+        return Turn(span=FanoutSpan(spans, trace_id), trace_id=trace_id, thread_id=thread_id)
+
+    def turn_ended(self, turn: Turn) -> None:
+        if turn.thread_id:
+            self._threads.turn_ended(turn.thread_id, turn.trace_id)
+
+    def stream_opened(self, stream: StreamTracer) -> None:
+        self._open_streams.add(stream)
+
+    def stream_closed(self, stream: StreamTracer) -> None:
+        self._open_streams.discard(stream)

@@ -1,0 +1,93 @@
+"""Per-thread trace ids: which turn is open now and which ran last, bounded in size and age."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_MAX_THREADS = 10_000
+DEFAULT_IDLE_SECONDS = 6 * 3600.0
+
+
+@dataclass(slots=True)
+class _Thread:
+    current: str | None = None
+    last: str | None = None
+    turns: int = 0
+    touched: float = 0.0
+
+
+class ThreadRegistry:
+    """Trace ids by AG-UI thread id.
+
+    Threads are kept in least-recently-used order; the oldest are dropped past ``max_threads`` or
+    after ``idle_seconds`` without a turn, so a long-lived server stays bounded.
+    """
+
+    def __init__(
+        self,
+        max_threads: int = DEFAULT_MAX_THREADS,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_threads < 1:
+            raise ValueError("max_threads must be at least 1")
+        self._threads: OrderedDict[str, _Thread] = OrderedDict()
+        self._max_threads = max_threads
+        self._idle_seconds = idle_seconds
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._threads)
+
+    def turn_started(self, thread_id: str, trace_id: str) -> None:
+        thread = self._touch(thread_id)
+        thread.current = thread.last = trace_id
+
+    def next_turn_number(self, thread_id: str) -> int:
+        thread = self._touch(thread_id)
+        thread.turns += 1
+        return thread.turns
+
+    def turn_ended(self, thread_id: str, trace_id: str) -> None:
+        thread = self._touch(thread_id)
+        if thread.current == trace_id:
+            thread.current = None
+        if thread.last is None:
+            thread.last = trace_id
+
+    def current(self, thread_id: str) -> str | None:
+        thread = self._get(thread_id)
+        return thread.current if thread else None
+
+    def last(self, thread_id: str) -> str | None:
+        thread = self._get(thread_id)
+        return thread.last if thread else None
+
+    def _get(self, thread_id: str) -> _Thread | None:
+        self._expire(self._clock())
+        return self._threads.get(thread_id)
+
+    def _touch(self, thread_id: str) -> _Thread:
+        now = self._clock()
+        self._expire(now)
+        thread = self._threads.get(thread_id)
+        if thread is None:
+            thread = self._threads[thread_id] = _Thread()
+            while len(self._threads) > self._max_threads:
+                self._threads.popitem(last=False)
+        else:
+            self._threads.move_to_end(thread_id)
+        thread.touched = now
+        return thread
+
+    def _expire(self, now: float) -> None:
+        deadline = now - self._idle_seconds
+        threads = self._threads
+        while threads:
+            oldest = next(iter(threads.values()))
+            if oldest.touched >= deadline:
+                break
+            threads.popitem(last=False)

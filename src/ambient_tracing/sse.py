@@ -1,0 +1,99 @@
+"""Finding the events in a Server-Sent Events byte stream without changing a byte of it.
+
+The scanner only looks: it reports where each event's frame ends (so a frame can be inserted
+right after it) and the event's ``data`` bytes. Frames may be split across chunks at any byte;
+lines may end in LF, CRLF or CR; comments and ``event:``/``id:``/``retry:`` fields are allowed.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: An event whose frame grows past this many bytes is not parsed (its bytes still pass through).
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+_CR = 13
+# A blank line: one line ending right after another. Atomic groups keep "\r\n" from being read as
+# two endings ("\r" then "\n"), which would make every CRLF line look like a blank line.
+_BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+# The longest blank line is 4 bytes, so 3 bytes of the old buffer can start one.
+_OVERLAP = 3
+
+Frame = tuple[int, bytes | None]
+
+
+def event_data(frame: bytes | bytearray) -> bytes | None:
+    """The ``data`` of one frame (its data lines joined by LF), or None when it has none."""
+    if frame.startswith(b"data:") and b"\n" not in frame and b"\r" not in frame:
+        data = frame[5:]
+        return bytes(data[1:] if data[:1] == b" " else data)
+    lines = [line for line in _LINE_END.split(frame) if line == b"data" or line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(bytes(line[6:] if line[5:6] == b" " else line[5:]) for line in lines)
+
+
+class SseScanner:
+    """Incremental: :meth:`feed` each body chunk as it passes, :meth:`finish` at the end.
+
+    Both return ``(offset, data)`` for every frame that ended: ``offset`` is the position in the
+    chunk just after the frame's blank line, ``data`` its data bytes (None for a frame without
+    data or too large to keep).
+    """
+
+    __slots__ = ("_buffer", "_held", "_max_event_bytes", "_oversized", "_seen_cr")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._max_event_bytes = max_event_bytes
+        self._oversized = False
+        self._seen_cr = False
+        # A frame whose blank line ended in CR at the end of a chunk: the next chunk may begin with
+        # the LF of that CRLF, so the frame's true end is known only then.
+        self._held: list[bytes | None] = []
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        if not chunk:
+            return []
+        frames: list[Frame] = []
+        skip = 0
+        if self._held:
+            skip = 1 if chunk[:1] == b"\n" else 0
+            frames.append((skip, self._held.pop()))
+        if not self._seen_cr and b"\r" in chunk:
+            self._seen_cr = True
+        buffer = self._buffer
+        old_length = len(buffer)
+        shift = old_length - skip  # chunk offset = buffer position - shift
+        buffer += chunk[skip:] if skip else chunk
+        start = 0
+        search = max(0, old_length - _OVERLAP)
+        while True:
+            if self._seen_cr:
+                match = _BLANK_LINE.search(buffer, search)
+                if match is None:
+                    break
+                frame_end, end = match.span()
+            else:
+                frame_end = buffer.find(b"\n\n", search)
+                if frame_end < 0:
+                    break
+                end = frame_end + 2
+            data = None if self._oversized else event_data(buffer[start:frame_end])
+            self._oversized = False
+            start = search = end
+            if end == len(buffer) and buffer[-1] == _CR:
+                self._held.append(data)
+                break
+            frames.append((end - shift, data))
+        if start:
+            del buffer[:start]
+        if len(buffer) > self._max_event_bytes:
+            self._oversized = True
+            del buffer[:-_OVERLAP]
+        return frames
+
+    def finish(self) -> list[Frame]:
+        """At the end of the stream: the frame still held back, at offset 0 of nothing."""
+        return [(0, self._held.pop())] if self._held else []

@@ -1,0 +1,108 @@
+"""The Python door: trace an ``AsyncIterator[BaseEvent]`` the way the middleware traces bytes."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from enum import Enum
+from functools import cache
+from typing import Any
+
+from ag_ui.core import BaseEvent, CustomEvent, EventType
+from pydantic import BaseModel
+
+from .core import StreamTracer
+from .middleware import TRACE_ID_EVENT_NAME
+from .observability import Observability
+from .request import RunRequest
+
+
+async def trace_agui_stream(
+    events: AsyncIterator[BaseEvent],
+    observability: Observability,
+    run_input: Any = None,
+    *,
+    user_id: str | None = None,
+    user_name: str | None = None,
+) -> AsyncIterator[BaseEvent]:
+    """Yield every event of ``events`` unchanged, tracing each run; after each RUN_STARTED that
+    is traced, also yield ``CustomEvent(name="ambient:trace_id", value={"traceId": ...})``.
+
+    ``run_input`` (a RunAgentInput or its dict) gives the thread, run and user message.
+    """
+    if not observability.enabled:
+        async for event in events:
+            yield event
+        return
+    tracer = StreamTracer(observability, RunRequest.from_input(run_input).with_user(user_id, user_name))
+    try:
+        async for event in events:
+            try:
+                trace_id = tracer.on_event(_EventView(event))
+            except Exception as exc:  # tracing must never break the stream
+                tracer.warn("could not trace a %s event: %r", getattr(event, "type", "?"), exc)
+                trace_id = None
+            yield event
+            if trace_id is not None:
+                yield trace_id_event(trace_id)
+    except GeneratorExit:
+        tracer.close("cancelled: the consumer stopped reading")
+        raise
+    except BaseException as exc:
+        tracer.close(f"{type(exc).__name__}: {exc}")
+        raise
+    tracer.close()
+
+
+def trace_id_event(trace_id: str) -> CustomEvent:
+    """The AG-UI event that tells the client which trace its run is."""
+    return CustomEvent(
+        type=EventType.CUSTOM,
+        name=TRACE_ID_EVENT_NAME,
+        value={"traceId": trace_id},
+        timestamp=int(time.time() * 1000),
+    )
+
+
+@cache
+def _field_name(wire_name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", wire_name).lower()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return [_plain(item) for item in value]
+    return value
+
+
+class _EventView(Mapping[str, Any]):
+    """An AG-UI event model read by its wire (camelCase) keys, without dumping the whole model."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self, event: BaseEvent) -> None:
+        self._event = event
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self._event, _field_name(key), None)
+        if value is None:
+            extra = self._event.model_extra
+            value = extra.get(key) if extra else None
+        return default if value is None else _plain(value)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._event.model_dump(by_alias=True, exclude_none=True))
+
+    def __len__(self) -> int:
+        return len(self._event.model_dump(by_alias=True, exclude_none=True))

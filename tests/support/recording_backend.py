@@ -1,0 +1,107 @@
+"""A backend that keeps every span in memory: for tests of the core and the doors, where what
+matters is which trace operations an event stream produces, not how a vendor stores them."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ambient_tracing import SpanKind, TokenUsage, TurnStart
+
+
+@dataclass
+class RecordedSpan:
+    name: str
+    kind: SpanKind
+    trace_id: str
+    parent: RecordedSpan | None
+    input: Any = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    output: Any = None
+    error: str | None = None
+    model: str | None = None
+    usage: tuple[TokenUsage, ...] = ()
+    ended: int = 0
+    children: list[RecordedSpan] = field(default_factory=list)
+    turn: TurnStart | None = None
+
+    def start_child(
+        self, name: str, kind: SpanKind, *, input: Any = None, attributes: Mapping[str, Any] | None = None
+    ) -> RecordedSpan:
+        child = RecordedSpan(name, kind, self.trace_id, self, input, dict(attributes or {}))
+        self.children.append(child)
+        self.backend_spans().append(child)
+        return child
+
+    def set_input(self, input: Any) -> None:
+        self.input = input
+
+    def end(
+        self,
+        *,
+        output: Any = None,
+        error: str | None = None,
+        model: str | None = None,
+        usage: Sequence[TokenUsage] = (),
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.ended += 1
+        self.output, self.error, self.model, self.usage = output, error, model, tuple(usage)
+        self.attributes.update(attributes or {})
+
+    def backend_spans(self) -> list[RecordedSpan]:
+        root = self
+        while root.parent is not None:
+            root = root.parent
+        return _SPANS[root.trace_id]
+
+    def find(self, name: str) -> RecordedSpan:
+        return next(span for span in self.walk() if span.name == name)
+
+    def walk(self) -> list[RecordedSpan]:
+        return [self, *itertools.chain.from_iterable(child.walk() for child in self.children)]
+
+
+_SPANS: dict[str, list[RecordedSpan]] = {}
+
+
+class RecordingBackend:
+    """Implements TracingBackend in memory. ``record`` False acts as a sampled-out backend."""
+
+    name = "recording"
+
+    def __init__(self, *, record: bool = True) -> None:
+        self.turns: list[RecordedSpan] = []
+        self.record = record
+        self.flushed = self.closed = 0
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        pass
+
+    def start_turn(self, turn: TurnStart) -> RecordedSpan | None:
+        if not self.record:
+            return None
+        trace_id = turn.trace_id or uuid.uuid4().hex
+        span = RecordedSpan("llm_interaction", SpanKind.TURN, trace_id, None, turn.input,
+                            dict(turn.attributes or {}), turn=turn)
+        with self._lock:
+            _SPANS[trace_id] = [span]
+            self.turns.append(span)
+        return span
+
+    def flush(self, timeout: float) -> None:
+        self.flushed += 1
+
+    def shutdown(self) -> None:
+        self.closed += 1
+
+    def open_spans(self) -> list[RecordedSpan]:
+        return [span for turn in self.turns for span in turn.walk() if span.ended != 1]
+
+    def by_trace(self, trace_id: str) -> RecordedSpan:
+        return next(turn for turn in self.turns if turn.trace_id == trace_id)
