@@ -432,20 +432,24 @@ def _int(value: Any) -> int | None:
 
 
 def _usage(entries: Any) -> tuple[TokenUsage, ...]:
-    """AG-UI ``usage`` (a list of TokenUsage dicts) as :class:`TokenUsage`; malformed entries skipped."""
+    """AG-UI ``usage`` (a list of TokenUsage dicts) as :class:`TokenUsage`; entries without counts skipped."""
     if not isinstance(entries, list):
         return ()
-    return tuple(
-        TokenUsage(
-            model=_str(entry.get("model")),
-            provider=_str(entry.get("provider")),
-            input_tokens=_int(entry.get("inputTokens")),
-            output_tokens=_int(entry.get("outputTokens")),
-            total_tokens=_int(entry.get("totalTokens")),
-            reasoning_tokens=_int(entry.get("reasoningTokens")),
-            cache_read_tokens=_int(entry.get("cachedInputTokens")),
-            cache_write_tokens=_int(entry.get("cacheWriteInputTokens")),
-        )
-        for entry in entries
-        if isinstance(entry, Mapping)
-    )
+    usage = []
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            continue
+        counts = {name: _int(entry.get(key)) for key, name in _USAGE_FIELDS.items()}
+        if any(count is not None for count in counts.values()):
+            usage.append(TokenUsage(model=_str(entry.get("model")), provider=_str(entry.get("provider")), **counts))
+    return tuple(usage)
+
+
+_USAGE_FIELDS = {
+    "inputTokens": "input_tokens",
+    "outputTokens": "output_tokens",
+    "totalTokens": "total_tokens",
+    "reasoningTokens": "reasoning_tokens",
+    "cachedInputTokens": "cache_read_tokens",
+    "cacheWriteInputTokens": "cache_write_tokens",
+}

@@ -1,0 +1,29 @@
+"""The ``ambient-tracing`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ambient-tracing", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="trace a scripted AG-UI agent to a local MLflow store and show it")
+    demo.add_argument(
+        "--store", type=Path, default=Path("ambient-demo/mlflow.db"), help="sqlite file (created if missing)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.store)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
