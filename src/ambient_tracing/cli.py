@@ -11,7 +11,9 @@ from pathlib import Path
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ambient-tracing", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="trace a scripted AG-UI agent to a local MLflow store and show it")
+    demo = commands.add_parser(
+        "demo", help="trace a scripted AG-UI agent to a local MLflow store and show it"
+    )
     demo.add_argument(
         "--store", type=Path, default=Path("ambient-demo/mlflow.db"), help="sqlite file (created if missing)"
     )

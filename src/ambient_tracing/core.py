@@ -27,38 +27,38 @@ logger = logging.getLogger("ambient_tracing")
 
 #: Most characters of assistant text, tool arguments, tool results and reasoning kept per span.
 MAX_TEXT_CHARS = 32_768
+TRUNCATED = "... [truncated]"
+_TEXT_EVENTS = frozenset({"TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CHUNK"})
 
 Event = Mapping[str, Any]
 
 
 class _Text:
-    """Appends text up to a character budget; counts what it had to leave out."""
+    """Appends text up to a character budget; past it, the text is marked as truncated."""
 
-    __slots__ = ("_dropped", "_parts", "_room")
+    __slots__ = ("_parts", "_room", "truncated")
 
     def __init__(self, limit: int) -> None:
         self._parts: list[str] = []
         self._room = limit
-        self._dropped = 0
+        self.truncated = False
 
     def add(self, text: Any) -> None:
-        if not isinstance(text, str):
+        if not isinstance(text, str) or self.truncated:
             return
         room = self._room
         if len(text) <= room:
             self._parts.append(text)
             self._room = room - len(text)
         else:
-            if room > 0:
-                self._parts.append(text[:room])
-                self._room = 0
-            self._dropped += len(text) - room if room > 0 else len(text)
+            self._parts.append(text[:room])
+            self.truncated = True
 
     def value(self) -> str | None:
         if not self._parts:
             return None
         text = "".join(self._parts)
-        return _truncated(text, self._dropped) if self._dropped else text
+        return text + TRUNCATED if self.truncated else text
 
 
 @dataclass(slots=True)
@@ -107,6 +107,15 @@ class StreamTracer:
     def trace_id(self) -> str | None:
         """The id of the run being traced now, if any."""
         return self._run.turn.trace_id if self._run else None
+
+    def wants(self, kind: str) -> bool:
+        """Whether an event of this type can change the trace now; a door may skip parsing it if not."""
+        run = self._run
+        if run is None:
+            return kind == "RUN_STARTED"
+        if kind in _TEXT_EVENTS:
+            return not run.text.truncated
+        return kind in _HANDLERS or kind == "RUN_STARTED"
 
     def on_event(self, event: Event) -> str | None:
         kind = event.get("type")
@@ -281,7 +290,7 @@ class StreamTracer:
         call = run.tools.pop(call_id, None)
         content = event.get("content")
         if isinstance(content, str) and len(content) > MAX_TEXT_CHARS:
-            content = _truncated(content[:MAX_TEXT_CHARS], len(content) - MAX_TEXT_CHARS)
+            content = content[:MAX_TEXT_CHARS] + TRUNCATED
         if call is None:
             self.warn("TOOL_CALL_RESULT for an unknown tool call %r", call_id)
             span = self._parent(run, event).start_child(
@@ -413,10 +422,6 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _truncated(text: str, dropped: int) -> str:
-    return f"{text}... [{dropped} more characters not recorded]"
-
-
 def _json_or_text(text: Any) -> Any:
     """Tool arguments and results: the parsed JSON value when the text is JSON, else the text."""
     if isinstance(text, str) and text[:1] in ("{", "["):
@@ -441,7 +446,9 @@ def _usage(entries: Any) -> tuple[TokenUsage, ...]:
             continue
         counts = {name: _int(entry.get(key)) for key, name in _USAGE_FIELDS.items()}
         if any(count is not None for count in counts.values()):
-            usage.append(TokenUsage(model=_str(entry.get("model")), provider=_str(entry.get("provider")), **counts))
+            usage.append(
+                TokenUsage(model=_str(entry.get("model")), provider=_str(entry.get("provider")), **counts)
+            )
     return tuple(usage)
 
 

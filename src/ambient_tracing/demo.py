@@ -53,22 +53,33 @@ def scripted_agent(thread_id: str, run_id: str, question: str) -> list[BaseEvent
     """One run of a pretend agent: a weather tool call with its result, then an answer, then usage."""
     city = next((name for name in _WEATHER if name in question.lower()), None)
     call_id, message_id = f"call-{run_id[:8]}", f"msg-{run_id[:8]}"
-    events: list[BaseEvent] = [RunStartedEvent(type=EventType.RUN_STARTED, thread_id=thread_id, run_id=run_id)]
+    events: list[BaseEvent] = [
+        RunStartedEvent(type=EventType.RUN_STARTED, thread_id=thread_id, run_id=run_id)
+    ]
     if city:
         events += [
             StepStartedEvent(type=EventType.STEP_STARTED, step_name="lookup"),
-            ToolCallStartEvent(type=EventType.TOOL_CALL_START, tool_call_id=call_id, tool_call_name="get_weather"),
-            ToolCallArgsEvent(type=EventType.TOOL_CALL_ARGS, tool_call_id=call_id, delta=json.dumps({"city": city})),
+            ToolCallStartEvent(
+                type=EventType.TOOL_CALL_START, tool_call_id=call_id, tool_call_name="get_weather"
+            ),
+            ToolCallArgsEvent(
+                type=EventType.TOOL_CALL_ARGS, tool_call_id=call_id, delta=json.dumps({"city": city})
+            ),
             ToolCallEndEvent(type=EventType.TOOL_CALL_END, tool_call_id=call_id),
             ToolCallResultEvent(
-                type=EventType.TOOL_CALL_RESULT, tool_call_id=call_id, message_id=f"{call_id}-r", content=_WEATHER[city]
+                type=EventType.TOOL_CALL_RESULT,
+                tool_call_id=call_id,
+                message_id=f"{call_id}-r",
+                content=_WEATHER[city],
             ),
             StepFinishedEvent(type=EventType.STEP_FINISHED, step_name="lookup"),
         ]
         answer = f"It is {_WEATHER[city]} in {city.title()}."
     else:
         answer = "Lisbon is warmer: 21°C against 4°C in Oslo."
-    events.append(TextMessageStartEvent(type=EventType.TEXT_MESSAGE_START, message_id=message_id, role="assistant"))
+    events.append(
+        TextMessageStartEvent(type=EventType.TEXT_MESSAGE_START, message_id=message_id, role="assistant")
+    )
     events += [
         TextMessageContentEvent(type=EventType.TEXT_MESSAGE_CONTENT, message_id=message_id, delta=word + " ")
         for word in answer.split()
@@ -79,7 +90,9 @@ def scripted_agent(thread_id: str, run_id: str, question: str) -> list[BaseEvent
             type=EventType.RUN_FINISHED,
             thread_id=thread_id,
             run_id=run_id,
-            usage=[TokenUsage(model=MODEL, input_tokens=40 + len(question), output_tokens=len(answer.split()))],
+            usage=[
+                TokenUsage(model=MODEL, input_tokens=40 + len(question), output_tokens=len(answer.split()))
+            ],
         ),
     ]
     return events
@@ -135,11 +148,20 @@ async def _converse(base_url: str, thread_id: str, say: Any) -> list[str]:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         for number, question in enumerate(CONVERSATION, 1):
             messages.append({"id": f"u{number}", "role": "user", "content": question})
-            body = {"threadId": thread_id, "runId": str(uuid.uuid4()), "messages": messages, "state": {},
-                    "tools": [], "context": [], "forwardedProps": {}}
+            body = {
+                "threadId": thread_id,
+                "runId": str(uuid.uuid4()),
+                "messages": messages,
+                "state": {},
+                "tools": [],
+                "context": [],
+                "forwardedProps": {},
+            }
             say(f"\nuser> {question}")
             text: list[str] = []
-            async with client.stream("POST", "/agent", json=body, headers={"x-current-user-id": "demo-user"}) as response:
+            async with client.stream(
+                "POST", "/agent", json=body, headers={"x-current-user-id": "demo-user"}
+            ) as response:
                 async for line in response.aiter_lines():
                     if line.startswith("data: "):
                         event = json.loads(line[6:])
@@ -163,7 +185,9 @@ def _describe(event: dict[str, Any], say: Any, trace_ids: list[str]) -> list[str
         say(f"  TOOL_CALL_RESULT          {event['content']!r}")
     elif kind == "RUN_FINISHED":
         usage = event.get("usage") or [{}]
-        say(f"  RUN_FINISHED              tokens in={usage[0].get('inputTokens')} out={usage[0].get('outputTokens')}")
+        say(
+            f"  RUN_FINISHED              tokens in={usage[0].get('inputTokens')} out={usage[0].get('outputTokens')}"
+        )
     elif kind in ("RUN_STARTED", "STEP_STARTED", "STEP_FINISHED", "TEXT_MESSAGE_START"):
         say(f"  {kind}")
     return []
@@ -176,8 +200,10 @@ def _print_trees(tracking_uri: str, trace_ids: list[str], say: Any) -> None:
     for trace_id in trace_ids:
         trace = client.get_trace(f"tr-{trace_id}")
         info = trace.info
-        say(f"\ntrace tr-{trace_id}  status={info.state}  tags: thread={info.tags.get('ambient.thread_id')} "
-            f"run={info.tags.get('ambient.run_id')}  usage={info.token_usage}")
+        say(
+            f"\ntrace tr-{trace_id}  status={info.state}  tags: thread={info.tags.get('ambient.thread_id')} "
+            f"run={info.tags.get('ambient.run_id')}  usage={info.token_usage}"
+        )
         spans = trace.data.spans
         children: dict[str | None, list[Any]] = {}
         for span in spans:
@@ -201,7 +227,9 @@ def run_demo(store: Path, say: Any = print) -> list[str]:
     store.parent.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{store.resolve()}"
     observability = Observability(
-        [MlflowBackend(tracking_uri=tracking_uri, experiment_name=EXPERIMENT)], runner_type="demo", mask_messages=False
+        [MlflowBackend(tracking_uri=tracking_uri, experiment_name=EXPERIMENT)],
+        runner_type="demo",
+        mask_messages=False,
     )
     say(f"Tracing to MLflow store {store} (experiment {EXPERIMENT!r}); preparing it...")
     asyncio.run(observability.start())

@@ -225,8 +225,11 @@ class _RunResponder:
             request = RunRequest.from_body(b"".join(self._body)).with_user(user_id, user_name)
             self._body.clear()
             tracer = self._tracer = StreamTracer(self._observability, request)
+        kind = _event_type(data)
+        if kind is not None and not tracer.wants(kind):
+            return None  # most text deltas, once the recorded text is full: not worth parsing
         try:
-            event = json.loads(data)
+            event = json.loads(data.decode())
         except ValueError:
             tracer.warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
             return None
@@ -245,6 +248,16 @@ class _RunResponder:
             except Exception as exc:
                 logger.warning("ambient-tracing: could not end a trace: %r", exc)
             self._tracer = None
+
+
+def _event_type(data: bytes) -> str | None:
+    """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it."""
+    if data.startswith(b'{"type":'):
+        start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
+        end = data.find(b'"', start) if start else -1
+        if end > 0:
+            return data[start:end].decode("latin-1")
+    return None
 
 
 def _insert(body: bytes, insertions: list[tuple[int, bytes]]) -> bytes:

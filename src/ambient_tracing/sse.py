@@ -56,6 +56,14 @@ class SseScanner:
     def feed(self, chunk: bytes) -> list[Frame]:
         if not chunk:
             return []
+        if (
+            # The common case, one whole LF-framed event per chunk, without copying into the buffer.
+            not self._buffer
+            and not self._held
+            and chunk.find(b"\n\n") == len(chunk) - 2
+            and b"\r" not in chunk
+        ):
+            return [(len(chunk), event_data(chunk[:-2]))]
         frames: list[Frame] = []
         skip = 0
         if self._held:
