@@ -15,7 +15,11 @@ LANGFUSE = {
     "LANGFUSE_SECRET_KEY": "sk-lf-test",
     "LANGFUSE_HOST": "http://127.0.0.1:1",
 }
-MLFLOW = {"OBSERVABILITY_BACKENDS": "mlflow", "MLFLOW_TRACING_ENABLED": "1", "MLFLOW_TRACKING_URI": "sqlite:///x.db"}
+MLFLOW = {
+    "OBSERVABILITY_BACKENDS": "mlflow",
+    "MLFLOW_TRACING_ENABLED": "1",
+    "MLFLOW_TRACKING_URI": "sqlite:///x.db",
+}
 
 
 def test_nothing_configured_is_a_passthrough() -> None:
@@ -86,13 +90,17 @@ def test_mlflow_misconfiguration_warns(caplog: pytest.LogCaptureFixture) -> None
 
 
 def test_sample_rate_and_flush_timeout() -> None:
-    config = TracingConfig.from_env({**LANGFUSE, "LANGFUSE_SAMPLE_RATE": "0.25", "LANGFUSE_FLUSH_TIMEOUT": "3"})
+    config = TracingConfig.from_env(
+        {**LANGFUSE, "LANGFUSE_SAMPLE_RATE": "0.25", "LANGFUSE_FLUSH_TIMEOUT": "3"}
+    )
     assert config.langfuse is not None
     assert (config.langfuse.sample_rate, config.langfuse.flush_timeout) == (0.25, 3.0)
 
 
 def test_bad_numbers_fall_back_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    config = TracingConfig.from_env({**LANGFUSE, "LANGFUSE_SAMPLE_RATE": "2", "LANGFUSE_FLUSH_TIMEOUT": "soon"})
+    config = TracingConfig.from_env(
+        {**LANGFUSE, "LANGFUSE_SAMPLE_RATE": "2", "LANGFUSE_FLUSH_TIMEOUT": "soon"}
+    )
     assert config.langfuse is not None
     assert (config.langfuse.sample_rate, config.langfuse.flush_timeout) == (None, 30.0)
     assert "LANGFUSE_SAMPLE_RATE" in caplog.text and "LANGFUSE_FLUSH_TIMEOUT" in caplog.text
@@ -105,8 +113,13 @@ def test_masking_can_be_turned_off() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "slug"),
-    [("", "claude-agent-sdk"), ("Claude-Agent-SDK", "claude-agent-sdk"), ("Pydantic AI", "pydantic-ai"),
-     ("  langgraph ", "langgraph"), ("!!!", "claude-agent-sdk")],
+    [
+        ("", "claude-agent-sdk"),
+        ("Claude-Agent-SDK", "claude-agent-sdk"),
+        ("Pydantic AI", "pydantic-ai"),
+        ("  langgraph ", "langgraph"),
+        ("!!!", "claude-agent-sdk"),
+    ],
 )
 def test_runner_type_slug(raw: str, slug: str) -> None:
     assert runner_type_slug(raw) == slug

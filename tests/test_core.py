@@ -14,8 +14,13 @@ from ambient_tracing.request import RunRequest
 from tests.support.recording_backend import RecordedSpan, RecordingBackend
 
 
-def trace(events: list[dict[str, Any]], *, mask: bool = False, request: RunRequest | None = None,
-          backends: list[RecordingBackend] | None = None) -> tuple[RecordingBackend, list[str | None], Observability]:
+def trace(
+    events: list[dict[str, Any]],
+    *,
+    mask: bool = False,
+    request: RunRequest | None = None,
+    backends: list[RecordingBackend] | None = None,
+) -> tuple[RecordingBackend, list[str | None], Observability]:
     backend = RecordingBackend()
     obs = Observability(backends or [backend], mask_messages=mask)
     tracer = StreamTracer(obs, request or RunRequest(thread_id="th", run_id="r", user_message="hello"))
@@ -25,8 +30,11 @@ def trace(events: list[dict[str, Any]], *, mask: bool = False, request: RunReque
 
 
 def run(*events: dict[str, Any], **finished: Any) -> list[dict[str, Any]]:
-    return [{"type": "RUN_STARTED", "threadId": "th", "runId": "r"}, *events,
-            {"type": "RUN_FINISHED", "threadId": "th", "runId": "r", **finished}]
+    return [
+        {"type": "RUN_STARTED", "threadId": "th", "runId": "r"},
+        *events,
+        {"type": "RUN_FINISHED", "threadId": "th", "runId": "r", **finished},
+    ]
 
 
 def only_turn(backend: RecordingBackend) -> RecordedSpan:
@@ -49,25 +57,34 @@ def test_run_started_opens_the_turn_and_returns_its_id() -> None:
 
 
 def test_assistant_text_is_the_output_and_other_roles_are_not() -> None:
-    backend, _, _ = trace(run(
-        {"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"},
-        {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m1", "delta": "Hello "},
-        {"type": "TEXT_MESSAGE_END", "messageId": "m1"},
-        {"type": "TEXT_MESSAGE_START", "messageId": "m2", "role": "developer"},
-        {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m2", "delta": "hidden"},
-        {"type": "TEXT_MESSAGE_CHUNK", "messageId": "m3", "delta": "world"},
-    ))
+    backend, _, _ = trace(
+        run(
+            {"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"},
+            {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m1", "delta": "Hello "},
+            {"type": "TEXT_MESSAGE_END", "messageId": "m1"},
+            {"type": "TEXT_MESSAGE_START", "messageId": "m2", "role": "developer"},
+            {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m2", "delta": "hidden"},
+            {"type": "TEXT_MESSAGE_CHUNK", "messageId": "m3", "delta": "world"},
+        )
+    )
     assert only_turn(backend).output == "Hello world"
 
 
 def test_tool_call_becomes_a_child_span_with_json_arguments_and_result() -> None:
-    backend, _, _ = trace(run(
-        {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "Read"},
-        {"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": '{"path":'},
-        {"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": ' "/etc/hosts"}'},
-        {"type": "TOOL_CALL_END", "toolCallId": "c1"},
-        {"type": "TOOL_CALL_RESULT", "toolCallId": "c1", "messageId": "x", "content": "127.0.0.1 localhost"},
-    ))
+    backend, _, _ = trace(
+        run(
+            {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "Read"},
+            {"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": '{"path":'},
+            {"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": ' "/etc/hosts"}'},
+            {"type": "TOOL_CALL_END", "toolCallId": "c1"},
+            {
+                "type": "TOOL_CALL_RESULT",
+                "toolCallId": "c1",
+                "messageId": "x",
+                "content": "127.0.0.1 localhost",
+            },
+        )
+    )
     tool = only_turn(backend).find("tool_Read")
     assert tool.kind is SpanKind.TOOL
     assert tool.input == {"path": "/etc/hosts"}
@@ -78,21 +95,25 @@ def test_tool_call_becomes_a_child_span_with_json_arguments_and_result() -> None
 
 
 def test_tool_call_chunks_count_like_the_long_form_and_text_arguments_stay_text() -> None:
-    backend, _, _ = trace(run(
-        {"type": "TOOL_CALL_CHUNK", "toolCallId": "c1", "toolCallName": "Bash", "delta": "ls "},
-        {"type": "TOOL_CALL_CHUNK", "toolCallId": "c1", "delta": "-la"},
-        {"type": "TOOL_CALL_RESULT", "toolCallId": "c1", "messageId": "x", "content": '{"files": 3}'},
-    ))
+    backend, _, _ = trace(
+        run(
+            {"type": "TOOL_CALL_CHUNK", "toolCallId": "c1", "toolCallName": "Bash", "delta": "ls "},
+            {"type": "TOOL_CALL_CHUNK", "toolCallId": "c1", "delta": "-la"},
+            {"type": "TOOL_CALL_RESULT", "toolCallId": "c1", "messageId": "x", "content": '{"files": 3}'},
+        )
+    )
     tool = only_turn(backend).find("tool_Bash")
     assert (tool.input, tool.output) == ("ls -la", {"files": 3})
 
 
 def test_a_run_that_starts_with_a_tool_call_or_fails_still_gets_a_trace() -> None:
-    backend, ids, _ = trace([
-        {"type": "RUN_STARTED", "threadId": "th", "runId": "r"},
-        {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "Read"},
-        {"type": "RUN_ERROR", "message": "model overloaded", "code": "529"},
-    ])
+    backend, ids, _ = trace(
+        [
+            {"type": "RUN_STARTED", "threadId": "th", "runId": "r"},
+            {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "Read"},
+            {"type": "RUN_ERROR", "message": "model overloaded", "code": "529"},
+        ]
+    )
     turn = only_turn(backend)
     assert ids[0] == turn.trace_id
     assert turn.error == "529: model overloaded"
@@ -100,8 +121,18 @@ def test_a_run_that_starts_with_a_tool_call_or_fails_still_gets_a_trace() -> Non
 
 
 def test_usage_outcome_and_model_of_one_model() -> None:
-    usage = [{"model": "claude-x", "provider": "anthropic", "inputTokens": 10, "outputTokens": 5,
-              "totalTokens": 15, "cachedInputTokens": 3, "cacheWriteInputTokens": 2, "reasoningTokens": 1}]
+    usage = [
+        {
+            "model": "claude-x",
+            "provider": "anthropic",
+            "inputTokens": 10,
+            "outputTokens": 5,
+            "totalTokens": 15,
+            "cachedInputTokens": 3,
+            "cacheWriteInputTokens": 2,
+            "reasoningTokens": 1,
+        }
+    ]
     backend, _, _ = trace(run(usage=usage, outcome={"type": "interrupt", "interrupts": [{"id": "i"}]}))
     turn = only_turn(backend)
     assert turn.model == "claude-x"
@@ -121,21 +152,28 @@ def test_usage_of_several_models_becomes_one_generation_per_model() -> None:
 
 
 def test_steps_reasoning_and_subagents_nest() -> None:
-    backend, _, _ = trace(run(
-        {"type": "STEP_STARTED", "stepName": "plan"},
-        {"type": "REASONING_START", "messageId": "r1"},
-        {"type": "REASONING_MESSAGE_START", "messageId": "r1m"},
-        {"type": "REASONING_MESSAGE_CONTENT", "messageId": "r1m", "delta": "thinking"},
-        {"type": "REASONING_MESSAGE_END", "messageId": "r1m"},
-        {"type": "REASONING_END", "messageId": "r1"},
-        {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "Grep"},
-        {"type": "TOOL_CALL_RESULT", "toolCallId": "c1", "messageId": "x", "content": "ok"},
-        {"type": "STEP_FINISHED", "stepName": "plan"},
-        {"type": "SUBAGENT_STARTED", "subagentRunId": "s1", "name": "researcher", "description": "find"},
-        {"type": "TOOL_CALL_START", "toolCallId": "c2", "toolCallName": "Web", "subagentRunId": "s1"},
-        {"type": "TOOL_CALL_RESULT", "toolCallId": "c2", "messageId": "y", "content": "page"},
-        {"type": "SUBAGENT_FINISHED", "subagentRunId": "s1", "result": "found", "outcome": {"type": "success"}},
-    ))
+    backend, _, _ = trace(
+        run(
+            {"type": "STEP_STARTED", "stepName": "plan"},
+            {"type": "REASONING_START", "messageId": "r1"},
+            {"type": "REASONING_MESSAGE_START", "messageId": "r1m"},
+            {"type": "REASONING_MESSAGE_CONTENT", "messageId": "r1m", "delta": "thinking"},
+            {"type": "REASONING_MESSAGE_END", "messageId": "r1m"},
+            {"type": "REASONING_END", "messageId": "r1"},
+            {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "Grep"},
+            {"type": "TOOL_CALL_RESULT", "toolCallId": "c1", "messageId": "x", "content": "ok"},
+            {"type": "STEP_FINISHED", "stepName": "plan"},
+            {"type": "SUBAGENT_STARTED", "subagentRunId": "s1", "name": "researcher", "description": "find"},
+            {"type": "TOOL_CALL_START", "toolCallId": "c2", "toolCallName": "Web", "subagentRunId": "s1"},
+            {"type": "TOOL_CALL_RESULT", "toolCallId": "c2", "messageId": "y", "content": "page"},
+            {
+                "type": "SUBAGENT_FINISHED",
+                "subagentRunId": "s1",
+                "result": "found",
+                "outcome": {"type": "success"},
+            },
+        )
+    )
     turn = only_turn(backend)
     step = turn.find("step_plan")
     assert step.parent is turn and step.kind is SpanKind.STEP
@@ -147,32 +185,39 @@ def test_steps_reasoning_and_subagents_nest() -> None:
 
 
 def test_legacy_thinking_events_are_reasoning() -> None:
-    backend, _, _ = trace(run(
-        {"type": "THINKING_START"},
-        {"type": "THINKING_TEXT_MESSAGE_START"},
-        {"type": "THINKING_TEXT_MESSAGE_CONTENT", "delta": "hmm"},
-        {"type": "THINKING_TEXT_MESSAGE_END"},
-        {"type": "THINKING_END"},
-    ))
+    backend, _, _ = trace(
+        run(
+            {"type": "THINKING_START"},
+            {"type": "THINKING_TEXT_MESSAGE_START"},
+            {"type": "THINKING_TEXT_MESSAGE_CONTENT", "delta": "hmm"},
+            {"type": "THINKING_TEXT_MESSAGE_END"},
+            {"type": "THINKING_END"},
+        )
+    )
     assert only_turn(backend).find("reasoning").output == "hmm"
 
 
 def test_custom_state_and_activity_events_are_not_spans() -> None:
-    backend, _, _ = trace(run(
-        {"type": "CUSTOM", "name": "x", "value": 1},
-        {"type": "STATE_SNAPSHOT", "snapshot": {}},
-        {"type": "STATE_DELTA", "delta": []},
-        {"type": "MESSAGES_SNAPSHOT", "messages": []},
-        {"type": "ACTIVITY_SNAPSHOT", "messageId": "a", "activityType": "x", "content": {}},
-        {"type": "RAW", "event": {}},
-        {"type": "SOMETHING_NEW", "x": 1},
-    ))
+    backend, _, _ = trace(
+        run(
+            {"type": "CUSTOM", "name": "x", "value": 1},
+            {"type": "STATE_SNAPSHOT", "snapshot": {}},
+            {"type": "STATE_DELTA", "delta": []},
+            {"type": "MESSAGES_SNAPSHOT", "messages": []},
+            {"type": "ACTIVITY_SNAPSHOT", "messageId": "a", "activityType": "x", "content": {}},
+            {"type": "RAW", "event": {}},
+            {"type": "SOMETHING_NEW", "x": 1},
+        )
+    )
     assert only_turn(backend).children == []
 
 
 def test_several_runs_in_one_stream_each_get_a_trace() -> None:
     first = run({"type": "TEXT_MESSAGE_CHUNK", "messageId": "a", "delta": "one"})
-    second = [{**event, "runId": "r2"} for event in run({"type": "TEXT_MESSAGE_CHUNK", "messageId": "b", "delta": "two"})]
+    second = [
+        {**event, "runId": "r2"}
+        for event in run({"type": "TEXT_MESSAGE_CHUNK", "messageId": "b", "delta": "two"})
+    ]
     backend, ids, obs = trace(first + second)
     assert [turn.output for turn in backend.turns] == ["one", "two"]
     assert [turn.turn.turn_number for turn in backend.turns if turn.turn] == [1, 2]
@@ -181,28 +226,37 @@ def test_several_runs_in_one_stream_each_get_a_trace() -> None:
 
 
 def test_a_run_left_open_is_ended_with_an_error() -> None:
-    backend, _, _ = trace([{"type": "RUN_STARTED", "threadId": "th", "runId": "r"},
-                           {"type": "STEP_STARTED", "stepName": "s"}])
+    backend, _, _ = trace(
+        [{"type": "RUN_STARTED", "threadId": "th", "runId": "r"}, {"type": "STEP_STARTED", "stepName": "s"}]
+    )
     turn = only_turn(backend)
     assert turn.error == "stream ended before RUN_FINISHED"
     assert turn.find("step_s").error == "run ended: stream ended before RUN_FINISHED"
 
 
 def test_events_outside_a_run_are_ignored() -> None:
-    backend, ids, _ = trace([{"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "x"},
-                             {"type": "RUN_FINISHED"}, {"type": 7}, {}])
+    backend, ids, _ = trace(
+        [
+            {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "x"},
+            {"type": "RUN_FINISHED"},
+            {"type": 7},
+            {},
+        ]
+    )
     assert backend.turns == [] and ids == [None] * 4
 
 
 def test_out_of_order_events_record_what_they_can_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="ambient_tracing"):
-        backend, _, _ = trace(run(
-            {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "early"},
-            {"type": "TOOL_CALL_ARGS", "toolCallId": "nope", "delta": "{}"},
-            {"type": "TOOL_CALL_RESULT", "toolCallId": "ghost", "messageId": "x", "content": "r"},
-            {"type": "STEP_FINISHED", "stepName": "never"},
-            {"type": "TOOL_CALL_START", "toolCallName": "NoId"},
-        ))
+        backend, _, _ = trace(
+            run(
+                {"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "early"},
+                {"type": "TOOL_CALL_ARGS", "toolCallId": "nope", "delta": "{}"},
+                {"type": "TOOL_CALL_RESULT", "toolCallId": "ghost", "messageId": "x", "content": "r"},
+                {"type": "STEP_FINISHED", "stepName": "never"},
+                {"type": "TOOL_CALL_START", "toolCallName": "NoId"},
+            )
+        )
     turn = only_turn(backend)
     assert turn.output == "early"
     assert turn.find("tool_unknown").output == "r"
@@ -212,12 +266,17 @@ def test_out_of_order_events_record_what_they_can_with_one_warning(caplog: pytes
 def test_masking_redacts_long_content_for_every_backend() -> None:
     long_text = "x" * 80
     first, second = RecordingBackend(), RecordingBackend()
-    trace(run(
-        {"type": "TEXT_MESSAGE_CHUNK", "messageId": "m", "delta": long_text},
-        {"type": "TOOL_CALL_START", "toolCallId": "c", "toolCallName": "T"},
-        {"type": "TOOL_CALL_ARGS", "toolCallId": "c", "delta": f'{{"q": "{long_text}", "n": "short"}}'},
-        {"type": "TOOL_CALL_RESULT", "toolCallId": "c", "messageId": "x", "content": long_text},
-    ), mask=True, request=RunRequest(thread_id="th", user_message=long_text), backends=[first, second])
+    trace(
+        run(
+            {"type": "TEXT_MESSAGE_CHUNK", "messageId": "m", "delta": long_text},
+            {"type": "TOOL_CALL_START", "toolCallId": "c", "toolCallName": "T"},
+            {"type": "TOOL_CALL_ARGS", "toolCallId": "c", "delta": f'{{"q": "{long_text}", "n": "short"}}'},
+            {"type": "TOOL_CALL_RESULT", "toolCallId": "c", "messageId": "x", "content": long_text},
+        ),
+        mask=True,
+        request=RunRequest(thread_id="th", user_message=long_text),
+        backends=[first, second],
+    )
     for backend in (first, second):
         turn = only_turn(backend)
         assert (turn.input, turn.output) == (REDACTED, REDACTED)

@@ -17,12 +17,17 @@ async def test_a_run_becomes_a_langfuse_trace_under_the_id_the_stream_announces(
 ) -> None:
     obs = Observability([langfuse_backend()], runner_type="pydantic-ai", mask_messages=False)
     with serve(TracingMiddleware(agui_app(), observability=obs)) as url:
-        streamed = await post_run(url, run_input("thread-1", "run-1"),
-                                  headers={"x-current-user-id": "alice", "x-current-user-name": "Alice"})
+        streamed = await post_run(
+            url,
+            run_input("thread-1", "run-1"),
+            headers={"x-current-user-id": "alice", "x-current-user-name": "Alice"},
+        )
     [trace_id] = streamed.trace_ids
     assert streamed.types[:2] == ["RUN_STARTED", "CUSTOM"]
 
-    spans = langfuse_receiver.wait_for_spans(lambda s: {"llm_interaction", "tool_search"} <= {x.name for x in s})
+    spans = langfuse_receiver.wait_for_spans(
+        lambda s: {"llm_interaction", "tool_search"} <= {x.name for x in s}
+    )
     by_name = {span.name: span for span in spans if span.trace_id == trace_id}
     root, tool = by_name["llm_interaction"], by_name["tool_search"]
     assert tool.parent_span_id == root.span_id
@@ -36,7 +41,10 @@ async def test_a_run_becomes_a_langfuse_trace_under_the_id_the_stream_announces(
     assert root.attributes["langfuse.observation.input"] == "What is the meaning of life?"
     assert root.attributes["langfuse.observation.output"] == "The answer is 42. "
     assert json.loads(root.attributes["langfuse.observation.usage_details"]) == {
-        "input": 12, "output": 7, "total": 19}
+        "input": 12,
+        "output": 7,
+        "total": 19,
+    }
     assert root.attributes["langfuse.observation.model.name"] == "scripted-model"
     assert root.attributes.get("langfuse.observation.level", "DEFAULT") == "DEFAULT"
     assert root.metadata("gen_ai.conversation.id") == "thread-1"
@@ -51,8 +59,10 @@ async def test_run_error_sets_error_level_with_the_message(
     langfuse_receiver: LangfuseReceiver, langfuse_backend: Any
 ) -> None:
     def failing(body: dict[str, Any]) -> list[bytes]:
-        return [b'data: {"type":"RUN_STARTED","threadId":"t","runId":"r"}\n\n',
-                b'data: {"type":"RUN_ERROR","message":"rate limited","code":"429"}\n\n']
+        return [
+            b'data: {"type":"RUN_STARTED","threadId":"t","runId":"r"}\n\n',
+            b'data: {"type":"RUN_ERROR","message":"rate limited","code":"429"}\n\n',
+        ]
 
     obs = Observability([langfuse_backend()])
     with serve(TracingMiddleware(agui_app(raw=failing), observability=obs)) as url:

@@ -28,28 +28,51 @@ from starlette.routing import Route
 Script = Callable[[dict], Sequence[BaseEvent]]
 
 
-def scripted_run(thread_id: str, run_id: str, *, text: str = "The answer is 42.", tool: str = "search",
-                 model: str = "scripted-model") -> list[BaseEvent]:
+def scripted_run(
+    thread_id: str,
+    run_id: str,
+    *,
+    text: str = "The answer is 42.",
+    tool: str = "search",
+    model: str = "scripted-model",
+) -> list[BaseEvent]:
     """A typical run: a tool call with its result, then text, then usage."""
     return [
         RunStartedEvent(type=EventType.RUN_STARTED, thread_id=thread_id, run_id=run_id),
-        ToolCallStartEvent(type=EventType.TOOL_CALL_START, tool_call_id=f"{run_id}-call", tool_call_name=tool),
+        ToolCallStartEvent(
+            type=EventType.TOOL_CALL_START, tool_call_id=f"{run_id}-call", tool_call_name=tool
+        ),
         ToolCallArgsEvent(type=EventType.TOOL_CALL_ARGS, tool_call_id=f"{run_id}-call", delta='{"query": '),
         ToolCallArgsEvent(type=EventType.TOOL_CALL_ARGS, tool_call_id=f"{run_id}-call", delta='"life"}'),
         ToolCallEndEvent(type=EventType.TOOL_CALL_END, tool_call_id=f"{run_id}-call"),
-        ToolCallResultEvent(type=EventType.TOOL_CALL_RESULT, tool_call_id=f"{run_id}-call",
-                            message_id=f"{run_id}-result", content="42"),
-        TextMessageStartEvent(type=EventType.TEXT_MESSAGE_START, message_id=f"{run_id}-msg", role="assistant"),
-        *[TextMessageContentEvent(type=EventType.TEXT_MESSAGE_CONTENT, message_id=f"{run_id}-msg", delta=word + " ")
-          for word in text.split()],
+        ToolCallResultEvent(
+            type=EventType.TOOL_CALL_RESULT,
+            tool_call_id=f"{run_id}-call",
+            message_id=f"{run_id}-result",
+            content="42",
+        ),
+        TextMessageStartEvent(
+            type=EventType.TEXT_MESSAGE_START, message_id=f"{run_id}-msg", role="assistant"
+        ),
+        *[
+            TextMessageContentEvent(
+                type=EventType.TEXT_MESSAGE_CONTENT, message_id=f"{run_id}-msg", delta=word + " "
+            )
+            for word in text.split()
+        ],
         TextMessageEndEvent(type=EventType.TEXT_MESSAGE_END, message_id=f"{run_id}-msg"),
-        RunFinishedEvent(type=EventType.RUN_FINISHED, thread_id=thread_id, run_id=run_id,
-                         usage=[TokenUsage(model=model, input_tokens=12, output_tokens=7, total_tokens=19)]),
+        RunFinishedEvent(
+            type=EventType.RUN_FINISHED,
+            thread_id=thread_id,
+            run_id=run_id,
+            usage=[TokenUsage(model=model, input_tokens=12, output_tokens=7, total_tokens=19)],
+        ),
     ]
 
 
-def agui_app(script: Script | None = None, *, delay: float = 0.0, raw: Callable[[dict], Sequence[bytes]] | None = None
-             ) -> Starlette:
+def agui_app(
+    script: Script | None = None, *, delay: float = 0.0, raw: Callable[[dict], Sequence[bytes]] | None = None
+) -> Starlette:
     """POST /agent streams ``script(body)`` encoded as SSE (or ``raw(body)`` chunks as given),
     sleeping ``delay`` seconds between chunks. GET /health answers plain JSON."""
 
@@ -77,5 +100,12 @@ def agui_app(script: Script | None = None, *, delay: float = 0.0, raw: Callable[
 
 
 def run_input(thread_id: str, run_id: str, message: str = "What is the meaning of life?") -> dict:
-    return {"threadId": thread_id, "runId": run_id, "state": {}, "tools": [], "context": [],
-            "forwardedProps": {}, "messages": [{"id": f"{run_id}-u", "role": "user", "content": message}]}
+    return {
+        "threadId": thread_id,
+        "runId": run_id,
+        "state": {},
+        "tools": [],
+        "context": [],
+        "forwardedProps": {},
+        "messages": [{"id": f"{run_id}-u", "role": "user", "content": message}],
+    }

@@ -18,8 +18,11 @@ class Streamed:
 
     @property
     def trace_ids(self) -> list[str]:
-        return [e["value"]["traceId"] for e in self.events
-                if e.get("type") == "CUSTOM" and e.get("name") == TRACE_ID_EVENT_NAME]
+        return [
+            e["value"]["traceId"]
+            for e in self.events
+            if e.get("type") == "CUSTOM" and e.get("name") == TRACE_ID_EVENT_NAME
+        ]
 
     @property
     def types(self) -> list[str]:
@@ -35,8 +38,13 @@ def parse_events(raw: bytes) -> list[dict[str, Any]]:
     return events
 
 
-async def post_run(base_url: str, body: Any, *, headers: dict[str, str] | None = None,
-                   client: httpx.AsyncClient | None = None) -> Streamed:
+async def post_run(
+    base_url: str,
+    body: Any,
+    *,
+    headers: dict[str, str] | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> Streamed:
     """POST ``body`` to /agent and read the whole SSE response as raw bytes (bounded by a timeout)."""
     own = client is None
     client = client or httpx.AsyncClient(timeout=httpx.Timeout(30))

@@ -87,8 +87,15 @@ class RecordingBackend:
         if not self.record:
             return None
         trace_id = turn.trace_id or uuid.uuid4().hex
-        span = RecordedSpan("llm_interaction", SpanKind.TURN, trace_id, None, turn.input,
-                            dict(turn.attributes or {}), turn=turn)
+        span = RecordedSpan(
+            "llm_interaction",
+            SpanKind.TURN,
+            trace_id,
+            None,
+            turn.input,
+            dict(turn.attributes or {}),
+            turn=turn,
+        )
         with self._lock:
             _SPANS[trace_id] = [span]
             self.turns.append(span)

@@ -23,8 +23,9 @@ def free_port() -> int:
 def serve(app: ASGIApp, *, lifespan: str = "on", startup_timeout: float = 30.0) -> Iterator[str]:
     """Run ``app`` until the block exits; yields its base URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
