@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.support.fixtures_langfuse"]
+pytest_plugins = ["tests.support.fixtures_langfuse", "tests.support.fixtures_mlflow"]

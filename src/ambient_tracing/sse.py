@@ -60,10 +60,11 @@ class SseScanner:
             # The common case, one whole LF-framed event per chunk, without copying into the buffer.
             not self._buffer
             and not self._held
+            and chunk.endswith(b"\n\n")
             and chunk.find(b"\n\n") == len(chunk) - 2
             and b"\r" not in chunk
         ):
-            return [(len(chunk), event_data(chunk[:-2]))]
+            return [(len(chunk), None if len(chunk) - 2 > self._max_event_bytes else event_data(chunk[:-2]))]
         frames: list[Frame] = []
         skip = 0
         if self._held:
@@ -88,7 +89,8 @@ class SseScanner:
                 if frame_end < 0:
                     break
                 end = frame_end + 2
-            data = None if self._oversized else event_data(buffer[start:frame_end])
+            too_large = self._oversized or frame_end - start > self._max_event_bytes
+            data = None if too_large else event_data(buffer[start:frame_end])
             self._oversized = False
             start = search = end
             if end == len(buffer) and buffer[-1] == _CR:
@@ -97,7 +99,9 @@ class SseScanner:
             frames.append((end - shift, data))
         if start:
             del buffer[:start]
-        if len(buffer) > self._max_event_bytes:
+        # The buffer ends with at most two bytes of the frame's blank line, so past the limit plus
+        # those the frame itself is too large, however the stream is chunked.
+        if len(buffer) > self._max_event_bytes + _OVERLAP:
             self._oversized = True
             del buffer[:-_OVERLAP]
         return frames

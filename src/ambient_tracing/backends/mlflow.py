@@ -1,0 +1,274 @@
+"""MLflow backend: one ``llm_interaction`` trace per turn, made with ``start_span_no_context``.
+
+Spans are never the current span (they stay open across ``yield``), parents are explicit, and the
+experiment is resolved once in :meth:`MlflowBackend.setup` (a worker thread). Export is MLflow's own
+asynchronous queue: nothing here waits on the network except ``flush``/``shutdown``.
+
+MLflow tracing is process-wide (one tracking URI, one exporter): create one ``MlflowBackend`` per
+process. The trace id of a turn is MLflow's ``tr-<32 hex>``; this backend reports the bare 32 hex so
+the other backends record the run under the same id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+try:
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import LiveSpan, SpanStatus, SpanStatusCode, SpanType
+    from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'"
+    ) from exc
+
+from .base import Span, SpanKind, TokenUsage, TurnStart
+
+logger = logging.getLogger("ambient_tracing")
+
+ROOT_NAME = "llm_interaction"
+TRACE_ID_PREFIX = "tr-"
+_SPAN_TYPES = {
+    SpanKind.TURN: SpanType.AGENT,
+    SpanKind.TOOL: SpanType.TOOL,
+    SpanKind.STEP: SpanType.CHAIN,
+    SpanKind.REASONING: SpanType.LLM,
+    SpanKind.SUBAGENT: SpanType.AGENT,
+    SpanKind.GENERATION: SpanType.LLM,
+}
+# TokenUsage field -> key of MLflow's ``mlflow.chat.tokenUsage`` (summed into the trace's token usage).
+_MLFLOW_USAGE = (
+    ("input_tokens", "input_tokens"),
+    ("output_tokens", "output_tokens"),
+    ("total_tokens", "total_tokens"),
+    ("cache_read_tokens", "cache_read_input_tokens"),
+    ("cache_write_tokens", "cache_creation_input_tokens"),
+)
+_GEN_AI_USAGE = (
+    ("input_tokens", "gen_ai.usage.input_tokens"),
+    ("output_tokens", "gen_ai.usage.output_tokens"),
+    ("reasoning_tokens", "gen_ai.usage.reasoning_tokens"),
+    ("cache_read_tokens", "gen_ai.usage.cache_read.input_tokens"),
+    ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+)
+
+
+def to_mlflow_trace_id(trace_id: str) -> str:
+    """``tr-<hex>`` from a bare 32 hex id (an id already in MLflow's form is returned as is)."""
+    return trace_id if trace_id.startswith(TRACE_ID_PREFIX) else TRACE_ID_PREFIX + trace_id
+
+
+class MlflowBackend:
+    """Traces turns to an MLflow tracking store (``sqlite:///...``, ``http://...``, databricks, ...).
+
+    :meth:`setup` sets the tracking URI (process-wide, as ``mlflow.set_tracking_uri`` does), creates
+    the experiment if missing and warms MLflow's tracer. Until it has finished, turns are not recorded
+    in MLflow (``start_turn`` returns None): the middleware runs it at application startup.
+    Sampling is MLflow's own (``MLFLOW_TRACE_SAMPLING_RATIO``); a sampled-out run is not recorded.
+    """
+
+    name = "mlflow"
+
+    def __init__(self, *, tracking_uri: str, experiment_name: str = "ambient-code-sessions") -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self._experiment_id: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The experiment's id once :meth:`setup` has resolved it."""
+        return self._experiment_id
+
+    @property
+    def client(self) -> MlflowClient:
+        """A client of the same tracking store (blocking calls: use it from a worker thread)."""
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def setup(self) -> None:
+        """Blocking: point MLflow at the store, get or create the experiment, warm the tracer."""
+        with self._lock:
+            if self._experiment_id is not None:
+                return
+            if mlflow.get_tracking_uri() != self.tracking_uri:
+                mlflow.set_tracking_uri(self.tracking_uri)
+            client = self.client
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else client.create_experiment(self.experiment_name)
+            )
+            # The first span of a process builds MLflow's tracer provider (~0.1 s): do it here, not
+            # on the event loop. A span that is never ended is never exported.
+            mlflow.start_span_no_context("ambient-tracing-warmup", experiment_id=experiment_id)
+            self._experiment_id = experiment_id
+
+    def start_turn(self, turn: TurnStart) -> Span | None:
+        """Open the turn's root span; None before setup or when MLflow does not record the run."""
+        experiment_id = self._experiment_id
+        if experiment_id is None:
+            return None
+        if turn.trace_id is not None:
+            # MLflow picks its own ids; it starts first so that the other backends adopt its id.
+            logger.debug("ambient-tracing: MLflow cannot adopt trace id %s", turn.trace_id)
+        tags = {"ambient.thread_id": turn.thread_id, "ambient.run_id": turn.run_id}
+        metadata = {TraceMetadataKey.TRACE_SESSION: turn.thread_id, TraceMetadataKey.TRACE_USER: turn.user_id}
+        attributes = {
+            **(turn.attributes or {}),
+            "ambient.runner_type": turn.runner_type,
+            "ambient.session_id": turn.thread_id,
+            "ambient.user_id": turn.user_id,
+            "ambient.user_name": turn.user_name,
+            "ambient.turn": turn.turn_number,
+        }
+        try:
+            span = mlflow.start_span_no_context(
+                ROOT_NAME,
+                span_type=SpanType.AGENT,
+                inputs=turn.input,
+                attributes=_present(attributes),
+                tags=_present(tags),
+                metadata=_present(metadata),
+                experiment_id=experiment_id,
+            )
+        except Exception:
+            logger.warning("ambient-tracing: MLflow could not start a turn", exc_info=True)
+            return None
+        if not isinstance(span, LiveSpan) or not span.trace_id.startswith(TRACE_ID_PREFIX):
+            return None  # a NoOpSpan (tracing disabled, sampled out): its id must never reach a client
+        return _MlflowSpan(span, span.trace_id.removeprefix(TRACE_ID_PREFIX))
+
+    def flush(self, timeout: float) -> None:
+        """Blocking: wait for MLflow's export queue to drain (about a second even when nearly empty)."""
+        mlflow.flush_trace_async_logging(terminate=False)
+
+    def shutdown(self) -> None:
+        """Nothing to release: MLflow's exporter is process-wide and flushes itself at exit."""
+
+
+class _MlflowSpan:
+    """One open MLflow span. Never raises; warns once."""
+
+    __slots__ = ("_ended", "_span", "_trace_id", "_warned")
+
+    def __init__(self, span: LiveSpan, trace_id: str) -> None:
+        self._span = span
+        self._trace_id = trace_id
+        self._ended = False
+        self._warned = False
+
+    @property
+    def trace_id(self) -> str:
+        return self._trace_id
+
+    def start_child(
+        self, name: str, kind: SpanKind, *, input: Any = None, attributes: Mapping[str, Any] | None = None
+    ) -> Span:
+        try:
+            child = mlflow.start_span_no_context(
+                name,
+                span_type=_SPAN_TYPES.get(kind, SpanType.UNKNOWN),
+                parent_span=self._span,
+                inputs=input,
+                attributes=dict(attributes) if attributes else None,
+            )
+        except Exception:
+            self._warn(f"start child {name!r} of")
+            child = None
+        if not isinstance(child, LiveSpan):
+            return _ENDED
+        return _MlflowSpan(child, self._trace_id)
+
+    def set_input(self, input: Any) -> None:
+        if not self._ended:
+            try:
+                self._span.set_inputs(input)
+            except Exception:
+                self._warn("set the input of")
+
+    def end(
+        self,
+        *,
+        output: Any = None,
+        error: str | None = None,
+        model: str | None = None,
+        usage: Sequence[TokenUsage] = (),
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        span = self._span
+        try:
+            extra = dict(attributes or {})
+            model = model or (usage[0].model if usage else None)
+            if model:
+                extra[SpanAttributeKey.MODEL] = model
+                extra["llm.model_name"] = model
+                extra["gen_ai.request.model"] = model
+            if usage:
+                extra.update(_usage_attributes(usage))
+            if error is not None:
+                span.set_status(SpanStatus(SpanStatusCode.ERROR, description=error))
+            span.end(outputs=output, attributes=extra or None)
+        except Exception:
+            self._warn("end")
+            try:
+                span.end()
+            except Exception:
+                pass
+
+    def _warn(self, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "ambient-tracing: MLflow could not %s span %r", what, self._span.name, exc_info=True
+            )
+
+
+class _EndedSpan:
+    """Stands in for a child MLflow did not make: accepts every call and records nothing."""
+
+    trace_id = ""
+
+    def start_child(
+        self, name: str, kind: SpanKind, *, input: Any = None, attributes: Mapping[str, Any] | None = None
+    ) -> Span:
+        return self
+
+    def set_input(self, input: Any) -> None:
+        pass
+
+    def end(self, **_: Any) -> None:
+        pass
+
+
+_ENDED = _EndedSpan()
+
+
+def _present(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _usage_attributes(usage: Sequence[TokenUsage]) -> dict[str, Any]:
+    """``mlflow.chat.tokenUsage`` (summed over models, feeds the trace's token usage) and gen_ai.usage.*."""
+
+    def total(field: str) -> int | None:
+        counts = [value for entry in usage if (value := getattr(entry, field)) is not None]
+        return sum(counts) if counts else None
+
+    chat_usage = {key: value for field, key in _MLFLOW_USAGE if (value := total(field)) is not None}
+    if "total_tokens" not in chat_usage and {"input_tokens", "output_tokens"} <= chat_usage.keys():
+        chat_usage["total_tokens"] = chat_usage["input_tokens"] + chat_usage["output_tokens"]
+    attributes: dict[str, Any] = {key: value for field, key in _GEN_AI_USAGE if (value := total(field)) is not None}
+    if chat_usage:
+        attributes[SpanAttributeKey.CHAT_USAGE] = chat_usage
+    providers = {entry.provider for entry in usage if entry.provider}
+    if len(providers) == 1:
+        attributes[SpanAttributeKey.MODEL_PROVIDER] = attributes["gen_ai.provider.name"] = providers.pop()
+    return attributes
