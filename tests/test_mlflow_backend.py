@@ -13,7 +13,7 @@ from ag_ui.core import EventType, RunErrorEvent, RunStartedEvent, ToolCallStartE
 from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.backends.base import SpanKind, TokenUsage, TurnStart
 from ambient_tracing.backends.mlflow import MlflowBackend, to_mlflow_trace_id
-from tests.support.agui_app import agui_app, run_input, scripted_run
+from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver

@@ -119,12 +119,30 @@ async def test_consumer_stopping_early_ends_every_span_as_cancelled() -> None:
         seen = [await anext(events) for _ in range(6)]
         await events.aclose()
     assert is_id_event(seen[1])
+    assert closed == [True]  # the source generator was closed too
     [turn] = backend.turns
     assert not backend.open_spans()
     assert turn.error == "cancelled: the consumer stopped reading"
     assert turn.find("step_plan").error == "run ended: cancelled: the consumer stopped reading"
     assert turn.output == "xx"
     assert obs.current_trace_id("t") is None
+
+
+async def test_passthrough_closes_the_source_when_the_consumer_stops() -> None:
+    closed: list[bool] = []
+
+    async def endless() -> AsyncIterator[BaseEvent]:
+        try:
+            while True:
+                yield StepStartedEvent(type=EventType.STEP_STARTED, step_name="x")
+        finally:
+            closed.append(True)
+
+    events = trace_agui_stream(endless(), observability=Observability())
+    async with asyncio.timeout(5):
+        await anext(events)
+        await events.aclose()
+    assert closed == [True]
 
 
 async def test_consumer_task_cancelled_ends_every_span() -> None:

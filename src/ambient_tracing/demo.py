@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -166,7 +167,9 @@ async def _converse(base_url: str, thread_id: str, say: Any) -> list[str]:
                     if line.startswith("data: "):
                         event = json.loads(line[6:])
                         text += _describe(event, say, trace_ids)
-            messages.append({"id": f"a{number}", "role": "assistant", "content": "".join(text).strip()})
+            answer = "".join(text).strip()
+            say(f"agent> {answer}")
+            messages.append({"id": f"a{number}", "role": "assistant", "content": answer})
     return trace_ids
 
 
@@ -185,9 +188,8 @@ def _describe(event: dict[str, Any], say: Any, trace_ids: list[str]) -> list[str
         say(f"  TOOL_CALL_RESULT          {event['content']!r}")
     elif kind == "RUN_FINISHED":
         usage = event.get("usage") or [{}]
-        say(
-            f"  RUN_FINISHED              tokens in={usage[0].get('inputTokens')} out={usage[0].get('outputTokens')}"
-        )
+        tokens = f"in={usage[0].get('inputTokens')} out={usage[0].get('outputTokens')}"
+        say(f"  RUN_FINISHED              tokens {tokens}")
     elif kind in ("RUN_STARTED", "STEP_STARTED", "STEP_FINISHED", "TEXT_MESSAGE_START"):
         say(f"  {kind}")
     return []
@@ -204,25 +206,31 @@ def _print_trees(tracking_uri: str, trace_ids: list[str], say: Any) -> None:
             f"\ntrace tr-{trace_id}  status={info.state}  tags: thread={info.tags.get('ambient.thread_id')} "
             f"run={info.tags.get('ambient.run_id')}  usage={info.token_usage}"
         )
-        spans = trace.data.spans
-        children: dict[str | None, list[Any]] = {}
-        for span in spans:
-            children.setdefault(span.parent_id, []).append(span)
+        _print_tree(trace.data.spans, say)
 
-        def show(span: Any, depth: int) -> None:
-            took = (span.end_time_ns - span.start_time_ns) / 1e6
-            detail = f"in={json.dumps(span.inputs, ensure_ascii=False)} out={json.dumps(span.outputs, ensure_ascii=False)}"
-            say(f"  {'  ' * depth}{span.name:<{24 - 2 * depth}} {took:7.1f} ms  {detail}")
-            for child in sorted(children.get(span.span_id, []), key=lambda s: s.start_time_ns):
-                show(child, depth + 1)
 
-        for root in children.get(None, []):
-            show(root, 0)
+def _print_tree(spans: list[Any], say: Any) -> None:
+    children: dict[str | None, list[Any]] = {}
+    for span in sorted(spans, key=lambda span: span.start_time_ns):
+        children.setdefault(span.parent_id, []).append(span)
+
+    def show(span: Any, depth: int) -> None:
+        took = (span.end_time_ns - span.start_time_ns) / 1e6
+        inputs = json.dumps(span.inputs, ensure_ascii=False)
+        outputs = json.dumps(span.outputs, ensure_ascii=False)
+        say(f"  {'  ' * depth}{span.name:<{24 - 2 * depth}} {took:7.1f} ms  in={inputs} out={outputs}")
+        for child in children.get(span.span_id, []):
+            show(child, depth + 1)
+
+    for root in children.get(None, []):
+        show(root, 0)
 
 
 def run_demo(store: Path, say: Any = print) -> list[str]:
     """Run the whole demo against the sqlite store at ``store``; returns the trace ids it saw."""
     from .backends.mlflow import MlflowBackend
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its table-creation chatter
 
     store.parent.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{store.resolve()}"
@@ -243,7 +251,8 @@ def run_demo(store: Path, say: Any = print) -> list[str]:
     _print_trees(tracking_uri, trace_ids, say)
     say(
         "\nThe demo shows message content (LANGFUSE_MASK_MESSAGES is on by default in your apps).\n"
-        f"Open these traces in the MLflow UI:\n  pip install mlflow && mlflow ui --backend-store-uri {tracking_uri}\n"
+        "Open these traces in the MLflow UI:\n"
+        f"  pip install mlflow && mlflow ui --backend-store-uri {tracking_uri}\n"
         "  then browse http://127.0.0.1:5000, experiment "
         f"{EXPERIMENT!r}; the ids above are the 'tr-...' request ids.\n"
         "Trace to Langfuse instead (or as well) in your own app:\n"

@@ -186,6 +186,9 @@ class _RunResponder:
         if kind == "http.response.start":
             if _is_event_stream(message):
                 self._scanner = SseScanner()
+            else:
+                self._body_size = MAX_REQUEST_BYTES + 1  # not a run: stop copying the request body
+                self._body.clear()
         elif kind == "http.response.body" and self._scanner is not None:
             body = message.get("body", b"")
             more_body = message.get("more_body", False)

@@ -29,11 +29,16 @@ async def trace_agui_stream(
     """Yield every event of ``events`` unchanged, tracing each run; after each RUN_STARTED that
     is traced, also yield ``CustomEvent(name="ambient:trace_id", value={"traceId": ...})``.
 
-    ``run_input`` (a RunAgentInput or its dict) gives the thread, run and user message.
+    ``run_input`` (a RunAgentInput or its dict) gives the thread, run and user message. When the
+    consumer stops early, the run is ended as cancelled and ``events`` is closed too.
     """
     if not observability.enabled:
-        async for event in events:
-            yield event
+        try:
+            async for event in events:
+                yield event
+        except GeneratorExit:
+            await _close(events)
+            raise
         return
     tracer = StreamTracer(observability, RunRequest.from_input(run_input).with_user(user_id, user_name))
     try:
@@ -48,11 +53,19 @@ async def trace_agui_stream(
                 yield trace_id_event(trace_id)
     except GeneratorExit:
         tracer.close("cancelled: the consumer stopped reading")
+        await _close(events)
         raise
     except BaseException as exc:
         tracer.close(f"{type(exc).__name__}: {exc}")
         raise
     tracer.close()
+
+
+async def _close(events: AsyncIterator[BaseEvent]) -> None:
+    """Close the source, as ``async for`` on it would not (an async generator keeps its frame)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def trace_id_event(trace_id: str) -> CustomEvent:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from typing import Any
 
 try:
@@ -22,9 +23,7 @@ try:
     from mlflow.entities import LiveSpan, SpanStatus, SpanStatusCode, SpanType
     from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'"
-    ) from exc
+    raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
 
 from .base import Span, SpanKind, TokenUsage, TurnStart
 
@@ -214,14 +213,13 @@ class _MlflowSpan:
             if usage:
                 extra.update(_usage_attributes(usage))
             if error is not None:
-                span.set_status(SpanStatus(SpanStatusCode.ERROR, description=error))
+                # LiveSpan.set_status accepts a SpanStatus (its docstring says so; its annotation not).
+                span.set_status(SpanStatus(SpanStatusCode.ERROR, description=error))  # type: ignore[arg-type]
             span.end(outputs=output, attributes=extra or None)
         except Exception:
             self._warn("end")
-            try:
+            with suppress(Exception):
                 span.end()
-            except Exception:
-                pass
 
     def _warn(self, what: str) -> None:
         if not self._warned:
@@ -265,7 +263,9 @@ def _usage_attributes(usage: Sequence[TokenUsage]) -> dict[str, Any]:
     chat_usage = {key: value for field, key in _MLFLOW_USAGE if (value := total(field)) is not None}
     if "total_tokens" not in chat_usage and {"input_tokens", "output_tokens"} <= chat_usage.keys():
         chat_usage["total_tokens"] = chat_usage["input_tokens"] + chat_usage["output_tokens"]
-    attributes: dict[str, Any] = {key: value for field, key in _GEN_AI_USAGE if (value := total(field)) is not None}
+    attributes: dict[str, Any] = {
+        key: value for field, key in _GEN_AI_USAGE if (value := total(field)) is not None
+    }
     if chat_usage:
         attributes[SpanAttributeKey.CHAT_USAGE] = chat_usage
     providers = {entry.provider for entry in usage if entry.provider}
