@@ -25,6 +25,11 @@ test: $(VENV)/.installed
 demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/ambient-tracing demo
 
+## Benchmarks of issue #4 (in-process, loopback, concurrency, memory, blackholed backends); BENCH_ARGS=--quick
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,bench]'
+	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src

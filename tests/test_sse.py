@@ -220,7 +220,7 @@ def _frames(draw: st.DrawFn) -> tuple[bytes, Found]:
                 data_lines.append(text)
             elif kind == "data:":
                 lines.append(b"data:" + text)
-                data_lines.append(text)
+                data_lines.append(text.removeprefix(b" "))  # one space after the colon is not data
             elif kind == "bare":
                 lines.append(b"data")
                 data_lines.append(b"")

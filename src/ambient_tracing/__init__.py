@@ -11,8 +11,18 @@ from typing import TYPE_CHECKING, Any
 from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
 from .config import LangfuseSettings, MlflowSettings, TracingConfig
 from .core import StreamTracer
+from .feedback import feedback_endpoint
+from .metrics import (
+    DEFAULT_PRICES,
+    ModelPrice,
+    Pricing,
+    SessionMetrics,
+    default_tool_category,
+    tool_failure_reason,
+)
 from .middleware import TRACE_ID_EVENT_NAME, TracingMiddleware
 from .observability import Observability
+from .ratings import FeedbackError, Rating, parse_feedback
 from .stream import trace_agui_stream, trace_id_event
 
 if TYPE_CHECKING:
@@ -20,12 +30,18 @@ if TYPE_CHECKING:
     from .backends.mlflow import MlflowBackend
 
 __all__ = [
+    "DEFAULT_PRICES",
     "TRACE_ID_EVENT_NAME",
+    "FeedbackError",
     "LangfuseBackend",
     "LangfuseSettings",
     "MlflowBackend",
     "MlflowSettings",
+    "ModelPrice",
     "Observability",
+    "Pricing",
+    "Rating",
+    "SessionMetrics",
     "Span",
     "SpanKind",
     "StreamTracer",
@@ -34,6 +50,10 @@ __all__ = [
     "TracingConfig",
     "TracingMiddleware",
     "TurnStart",
+    "default_tool_category",
+    "feedback_endpoint",
+    "parse_feedback",
+    "tool_failure_reason",
     "trace_agui_stream",
     "trace_id_event",
 ]

@@ -11,7 +11,10 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
+
+from .metrics import DEFAULT_SESSION_IDLE_SECONDS
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -45,6 +48,11 @@ class TracingConfig:
     mlflow: MlflowSettings | None = None
     runner_type: str = DEFAULT_RUNNER_TYPE
     mask_messages: bool = True
+    #: Where undelivered ratings wait for the next start (None: :func:`default_spool_path`).
+    feedback_spool: Path | None = None
+    # Seconds without activity after which a thread's Session Metrics are emitted; None: only on
+    # end_session and at shutdown.
+    session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TracingConfig:
@@ -60,7 +68,16 @@ class TracingConfig:
             mlflow=_mlflow_settings(env) if "mlflow" in listed else None,
             runner_type=runner_type_slug(env.get("RUNNER_TYPE", "")),
             mask_messages=_flag(env, "LANGFUSE_MASK_MESSAGES", default=True),
+            feedback_spool=Path(spool) if (spool := env.get("AMBIENT_FEEDBACK_SPOOL", "").strip()) else None,
+            session_idle_seconds=_seconds(env, "SESSION_METRICS_IDLE_SECONDS", DEFAULT_SESSION_IDLE_SECONDS)
+            or None,
         )
+
+
+def default_spool_path() -> Path:
+    """``$XDG_STATE_HOME/ambient-tracing/feedback-spool.jsonl`` (``~/.local/state`` when unset)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "ambient-tracing" / "feedback-spool.jsonl"
 
 
 def runner_type_slug(value: str) -> str:

@@ -21,6 +21,7 @@ from .masking import MAX_VISIBLE_CHARS, mask
 from .request import RunRequest, last_user_message
 
 if TYPE_CHECKING:
+    from .metrics import SessionMetrics
     from .observability import Observability, Turn
 
 logger = logging.getLogger("ambient_tracing")
@@ -84,6 +85,7 @@ class _Run:
     steps: list[tuple[str, Span]] = field(default_factory=list)
     reasoning: list[_Reasoning] = field(default_factory=list)
     subagents: dict[str, Span] = field(default_factory=dict)
+    metrics: SessionMetrics | None = None
 
 
 class StreamTracer:
@@ -166,6 +168,8 @@ class StreamTracer:
         if run is None:
             return
         self._run = None
+        if run.metrics is not None:
+            run.metrics.run_ended(usage)
         child_error = f"run ended: {error}" if error else None
         for call in run.tools.values():
             self._record_arguments(call)
@@ -216,12 +220,15 @@ class StreamTracer:
         )
         if turn is None:
             return None
-        self._run = _Run(turn=turn, text=_Text(self._text_limit))
+        metrics = self._observability.session_metrics(turn.thread_id, request.user_id)
+        self._run = _Run(turn=turn, text=_Text(self._text_limit), metrics=metrics)
         self._observability.stream_opened(self)
         return turn.trace_id
 
     def _on_run_finished(self, run: _Run, event: Event) -> None:
         outcome = event.get("outcome")
+        if run.metrics is not None:
+            run.metrics.run_finished(outcome)
         self._end_run(
             usage=_usage(event.get("usage")),
             outcome=outcome.get("type") if isinstance(outcome, Mapping) else None,
@@ -231,7 +238,10 @@ class StreamTracer:
     def _on_run_error(self, run: _Run, event: Event) -> None:
         message = _str(event.get("message")) or "RUN_ERROR"
         code = _str(event.get("code"))
-        self._end_run(error=f"{code}: {message}" if code else message, usage=_usage(event.get("usage")))
+        error = f"{code}: {message}" if code else message
+        if run.metrics is not None:
+            run.metrics.run_error(error)
+        self._end_run(error=error, usage=_usage(event.get("usage")))
 
     # -- text -----------------------------------------------------------------------------------
 
@@ -266,6 +276,8 @@ class StreamTracer:
             },
         )
         run.tools[call_id] = _ToolCall(span=span, arguments=_Text(MAX_TEXT_CHARS))
+        if run.metrics is not None:
+            run.metrics.tool_started(call_id, name)
 
     def _on_tool_args(self, run: _Run, event: Event) -> None:
         call = run.tools.get(_id(event, "toolCallId"))
@@ -288,6 +300,8 @@ class StreamTracer:
     def _on_tool_result(self, run: _Run, event: Event) -> None:
         call_id = _id(event, "toolCallId")
         call = run.tools.pop(call_id, None)
+        if run.metrics is not None:
+            run.metrics.tool_result(call_id, event)
         content = event.get("content")
         if isinstance(content, str) and len(content) > MAX_TEXT_CHARS:
             content = content[:MAX_TEXT_CHARS] + TRUNCATED

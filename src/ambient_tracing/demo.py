@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -228,6 +229,7 @@ def _print_tree(spans: list[Any], say: Any) -> None:
 
 def run_demo(store: Path, say: Any = print) -> list[str]:
     """Run the whole demo against the sqlite store at ``store``; returns the trace ids it saw."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the demo talks to 127.0.0.1 only
     from .backends.mlflow import MlflowBackend
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its table-creation chatter

@@ -12,12 +12,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .core import StreamTracer
+from .feedback import Authorize, feedback_endpoint
 from .observability import Observability
 from .request import RunRequest
 from .sse import SseScanner
@@ -50,6 +53,8 @@ class TracingMiddleware:
     that :class:`Observability` (started and closed with the app's lifespan). Pass
     ``observability=`` to share one you own. The user comes from ``user_id_header`` /
     ``user_name_header``, or from ``user_resolver(scope) -> (user_id, user_name)``.
+    ``feedback_path="/feedback"`` also serves :func:`~ambient_tracing.feedback_endpoint` there
+    (POST), with ``feedback_authorize`` as its ``authorize`` hook.
     """
 
     app: ASGIApp
@@ -59,7 +64,10 @@ class TracingMiddleware:
     user_resolver: UserResolver | None = None
     #: How long lifespan startup waits for backend preparation before serving anyway.
     startup_timeout: float = 10.0
+    feedback_path: str | None = None
+    feedback_authorize: Authorize | None = None
     _owns_observability: bool = field(init=False, default=False)
+    _feedback_endpoint: Callable[[Request], Awaitable[Response]] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.observability is None:
@@ -71,10 +79,24 @@ class TracingMiddleware:
         assert observability is not None
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
+        elif scope["type"] == "http" and self.feedback_path and scope["path"] == self.feedback_path:
+            await self._feedback(scope, receive, send)
         elif scope["type"] != "http" or scope["method"] != "POST" or not observability.enabled:
             await self.app(scope, receive, send)
         else:
             await _RunResponder(self, observability, scope, receive, send).run()
+
+    async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            response: Response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "POST"})
+        else:
+            assert self.observability is not None
+            if self._feedback_endpoint is None:
+                self._feedback_endpoint = feedback_endpoint(
+                    self.observability, authorize=self.feedback_authorize
+                )
+            response = await self._feedback_endpoint(Request(scope, receive))
+        await response(scope, receive, send)
 
     def _lifespan_send(self, send: Send) -> Send:
         observability = self.observability

@@ -5,20 +5,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import Span, TracingBackend, TurnStart
-from .config import DEFAULT_RUNNER_TYPE, TracingConfig
+from .backends.base import RatingSink, Span, TraceFinder, TracingBackend, TurnStart
+from .config import DEFAULT_RUNNER_TYPE, TracingConfig, default_spool_path
+from .delivery import DEFAULT_RETRY_SECONDS, RatingDelivery
 from .fanout import FanoutSpan
+from .metrics import (
+    DEFAULT_SESSION_IDLE_SECONDS,
+    ModelPrice,
+    Pricing,
+    SessionMetrics,
+    SessionReporter,
+    ToolCategoriser,
+)
+from .ratings import Rating
 from .registry import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
 
 if TYPE_CHECKING:
     from .core import StreamTracer
 
 logger = logging.getLogger("ambient_tracing")
+
+
+SETUP_RETRY_SECONDS = 2.0
+MAX_SETUP_RETRY_SECONDS = 60.0
+
+
+def _try_setup(backend: TracingBackend, *, first: bool) -> bool:
+    try:
+        backend.setup()
+    except Exception as exc:
+        if first:
+            logger.warning(
+                "ambient-tracing: %s setup failed; its runs are not traced until a retry succeeds: %r",
+                backend.name,
+                exc,
+            )
+        return False
+    if not first:
+        logger.info("ambient-tracing: %s is set up after a retry; its runs are traced again", backend.name)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +80,13 @@ class Observability:
         flush_timeout: float = 30.0,
         max_threads: int = DEFAULT_MAX_THREADS,
         thread_idle_seconds: float = DEFAULT_IDLE_SECONDS,
+        session_metrics: bool = True,
+        session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS,
+        pricing: Pricing | Mapping[str, ModelPrice] | None = None,
+        tool_category: ToolCategoriser | None = None,
+        clarification_names: Iterable[str] | None = None,
+        feedback_spool: Path | None = None,
+        feedback_retry_seconds: float = DEFAULT_RETRY_SECONDS,
     ) -> None:
         # MLflow cannot take a trace id from outside, so it starts first and the others adopt its id.
         self.backends: tuple[TracingBackend, ...] = tuple(
@@ -62,6 +100,29 @@ class Observability:
         self._setup_lock = threading.Lock()
         self._setup: Future[None] | None = None
         self._closed = False
+        self._stopping = threading.Event()
+        #: Ratings on their way to the backends (see :mod:`ambient_tracing.delivery`).
+        self.ratings = RatingDelivery(
+            [backend for backend in self.backends if isinstance(backend, RatingSink)],
+            finders=[backend for backend in self.backends if isinstance(backend, TraceFinder)],
+            spool=feedback_spool or default_spool_path(),
+            retry_seconds=feedback_retry_seconds,
+        )
+        # Session Metrics (see metrics.py): None when switched off.
+        self._sessions: SessionReporter | None = (
+            SessionReporter(
+                lambda: self.backends,
+                runner_type=runner_type,
+                pricing=pricing,
+                tool_category=tool_category,
+                clarification_names=clarification_names,
+                idle_seconds=session_idle_seconds,
+                max_threads=max_threads,
+                mask=lambda: self.mask_messages,
+            )
+            if session_metrics
+            else None
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Observability:
@@ -112,6 +173,8 @@ class Observability:
             runner_type=config.runner_type,
             mask_messages=config.mask_messages,
             flush_timeout=flush_timeout,
+            feedback_spool=config.feedback_spool,
+            session_idle_seconds=config.session_idle_seconds,
         )
 
     @property
@@ -128,6 +191,18 @@ class Observability:
     def last_trace_id(self, thread_id: str) -> str | None:
         """The id of the thread's most recent turn, kept after it ends (for feedback)."""
         return self._threads.last(thread_id)
+
+    def thread_of(self, trace_id: str) -> str | None:
+        """The thread of a recent trace of this process; None when unknown here."""
+        return self._threads.thread_of(trace_id)
+
+    def submit_rating(self, rating: Rating) -> list[str]:
+        """Queue a rating for every backend that can record it; returns their names. Never blocks."""
+        if self._closed:
+            raise RuntimeError("observability is closed")
+        if self._setup is None:
+            self._begin_setup()  # also starts the delivery thread
+        return self.ratings.submit(rating)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -152,25 +227,39 @@ class Observability:
             return self._setup
 
     def _setup_backends(self, done: Future[None]) -> None:
-        for backend in self.backends:
-            try:
-                backend.setup()
-            except Exception as exc:
-                logger.warning(
-                    "ambient-tracing: %s setup failed; its runs are not traced: %r", backend.name, exc
-                )
+        failed = [backend for backend in self.backends if not _try_setup(backend, first=True)]
+        try:
+            self.ratings.start()
+        except Exception as exc:
+            logger.warning("ambient-tracing: the rating delivery did not start: %r", exc)
         done.set_result(None)
+        # A backend that was down at startup is retried with backoff until it comes up or we close.
+        delay = SETUP_RETRY_SECONDS
+        while failed and not self._stopping.wait(delay):
+            failed = [backend for backend in failed if not _try_setup(backend, first=False)]
+            delay = min(delay * 2, MAX_SETUP_RETRY_SECONDS)
 
     async def aclose(self) -> None:
         """End every open run, flush every backend off the event loop, and shut them down."""
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
         for stream in list(self._open_streams):
             stream.close(error="shutdown before the run finished")
+        if self._sessions is not None:
+            self._sessions.close()  # Session Metrics spans, before the flush below sends them
+        await self._in_thread(self.ratings.close, self.flush_timeout, "rating delivery")
         for backend in self.backends:
             await self._in_thread(backend.flush, self.flush_timeout, f"{backend.name} flush")
             await self._in_thread(backend.shutdown, None, f"{backend.name} shutdown")
+
+    async def end_session(self, thread_id: str) -> bool:
+        """Emit the thread's ``Session Metrics`` span now; False when it has no unreported activity.
+
+        Only creates spans (the backends export them in the background), so it returns at once.
+        """
+        return self._sessions is not None and self._sessions.end_session(thread_id)
 
     async def _in_thread(self, function: Any, argument: Any, what: str) -> None:
         args = () if argument is None else (argument,)
@@ -223,6 +312,12 @@ class Observability:
     def turn_ended(self, turn: Turn) -> None:
         if turn.thread_id:
             self._threads.turn_ended(turn.thread_id, turn.trace_id)
+
+    def session_metrics(self, thread_id: str | None, user_id: str | None) -> SessionMetrics | None:
+        """The thread's Session Metrics accumulator, with one more run started (None: not counted)."""
+        if self._sessions is None or not thread_id:
+            return None
+        return self._sessions.run_started(thread_id, user_id)
 
     def stream_opened(self, stream: StreamTracer) -> None:
         self._open_streams.add(stream)

@@ -35,6 +35,9 @@ class ThreadRegistry:
         if max_threads < 1:
             raise ValueError("max_threads must be at least 1")
         self._threads: OrderedDict[str, _Thread] = OrderedDict()
+        # Recent trace id -> its thread, so a rating naming another thread's trace can be refused.
+        self._trace_threads: OrderedDict[str, str] = OrderedDict()
+        self._max_traces = 4 * max_threads
         self._max_threads = max_threads
         self._idle_seconds = idle_seconds
         self._clock = clock
@@ -45,6 +48,9 @@ class ThreadRegistry:
     def turn_started(self, thread_id: str, trace_id: str) -> None:
         thread = self._touch(thread_id)
         thread.current = thread.last = trace_id
+        self._trace_threads[trace_id] = thread_id
+        if len(self._trace_threads) > self._max_traces:
+            self._trace_threads.popitem(last=False)
 
     def next_turn_number(self, thread_id: str) -> int:
         thread = self._touch(thread_id)
@@ -65,6 +71,10 @@ class ThreadRegistry:
     def last(self, thread_id: str) -> str | None:
         thread = self._get(thread_id)
         return thread.last if thread else None
+
+    def thread_of(self, trace_id: str) -> str | None:
+        """The thread a recent trace belongs to; None when this process does not know the trace."""
+        return self._trace_threads.get(trace_id)
 
     def _get(self, thread_id: str) -> _Thread | None:
         self._expire(self._clock())

@@ -22,6 +22,7 @@ import pytest
 from .server import free_port
 
 os.environ.setdefault("MLFLOW_USE_BATCH_SPAN_PROCESSOR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no network beyond 127.0.0.1
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 

@@ -76,6 +76,7 @@ class RecordingBackend:
 
     def __init__(self, *, record: bool = True) -> None:
         self.turns: list[RecordedSpan] = []
+        self.records: list[dict[str, Any]] = []  # record_span calls, in order
         self.record = record
         self.flushed = self.closed = 0
         self._lock = threading.Lock()
@@ -100,6 +101,29 @@ class RecordingBackend:
             _SPANS[trace_id] = [span]
             self.turns.append(span)
         return span
+
+    def record_span(
+        self,
+        name: str,
+        *,
+        thread_id: str,
+        user_id: str | None,
+        runner_type: str,
+        output: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        with self._lock:
+            self.records.append(
+                {
+                    "name": name,
+                    "thread_id": thread_id,
+                    "user_id": user_id,
+                    "runner_type": runner_type,
+                    "output": output,
+                    "metadata": dict(metadata or {}),
+                    "flushed_before": self.flushed,
+                }
+            )
 
     def flush(self, timeout: float) -> None:
         self.flushed += 1

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..ratings import Rating
 
 
 class SpanKind(StrEnum):
@@ -103,10 +106,52 @@ class TracingBackend(Protocol):
 
     def start_turn(self, turn: TurnStart) -> Span | None: ...
 
+    def record_span(
+        self,
+        name: str,
+        *,
+        thread_id: str,
+        user_id: str | None,
+        runner_type: str,
+        output: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record one already-finished span as its own trace in the thread's session (e.g. ``Session
+        Metrics``). Creates the span only, never does network I/O; drops it when not set up."""
+        ...
+
     def flush(self, timeout: float) -> None:
         """Blocking: export what is pending. Runs in a worker thread."""
         ...
 
     def shutdown(self) -> None:
         """Blocking: release the SDK's resources. Runs in a worker thread."""
+        ...
+
+
+class RatingRejected(Exception):
+    """A backend refused a rating for good (e.g. HTTP 400): retrying cannot help, so it is dropped."""
+
+
+@runtime_checkable
+class RatingSink(Protocol):
+    """A backend that records user feedback. Called from the delivery thread: may block.
+
+    ``deliver_rating`` returns once the rating is stored, raises :class:`RatingRejected` when it never
+    will be, and raises anything else to be retried later (backend down, trace not stored yet).
+    """
+
+    name: str
+    #: True when a rating needs a trace id (MLflow); False when a session-level rating is possible.
+    needs_trace: bool
+
+    def deliver_rating(self, rating: Rating) -> None: ...
+
+
+@runtime_checkable
+class TraceFinder(Protocol):
+    """A backend that can tell a thread's latest trace (for a rating sent to another replica)."""
+
+    def latest_trace_id(self, thread_id: str) -> str | None:
+        """Blocking: the newest trace id (32 hex) recorded for the thread, None if none."""
         ...

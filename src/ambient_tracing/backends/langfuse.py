@@ -27,7 +27,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the Langfuse backend needs the langfuse SDK: pip install 'ambient-tracing[langfuse]'"
     ) from exc
 
+from ..ratings import Rating
 from .base import Span, SpanKind, TokenUsage, TurnStart
+from .langfuse_scores import ScoreApi
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -109,6 +111,13 @@ class LangfuseBackend:
                 **client_options,
             )
         self._client = client
+        resources = getattr(client, "_resources", None)
+        self._scores = ScoreApi(
+            base_url=host or getattr(resources, "base_url", None) or "",
+            public_key=public_key or getattr(resources, "public_key", None) or "",
+            secret_key=secret_key or getattr(resources, "secret_key", None) or "",
+            environment=environment,
+        )
 
     @property
     def client(self) -> Langfuse:
@@ -143,6 +152,39 @@ class LangfuseBackend:
         except Exception:
             logger.warning("ambient-tracing: Langfuse could not start a turn", exc_info=True)
             return None
+
+    def record_span(
+        self,
+        name: str,
+        *,
+        thread_id: str,
+        user_id: str | None,
+        runner_type: str,
+        output: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A finished ``span`` observation as its own trace named ``name`` in the thread's session."""
+        props = {
+            "session_id": _fit(thread_id),
+            "user_id": _fit(user_id),
+            "tags": [_fit(f"runner:{runner_type}")],
+            "trace_name": name,
+            "metadata": {"runner_type": _fit(runner_type), "thread_id": _fit(thread_id)},
+        }
+        try:
+            with _scope({key: value for key, value in props.items() if value is not None}):
+                obs = self._client.start_observation(
+                    name=name, as_type="span", output=output, metadata=dict(metadata or {}) or None
+                )
+            obs.end()
+        except Exception:
+            logger.warning("ambient-tracing: Langfuse could not record span %r", name, exc_info=True)
+
+    needs_trace = False  # a rating without a trace becomes a session score
+
+    def deliver_rating(self, rating: Rating) -> None:
+        """Blocking: store the rating as a score (see :mod:`.langfuse_scores`); raises to be retried."""
+        self._scores.post(rating)
 
     def flush(self, timeout: float) -> None:
         """Export what is pending, waiting at most ``timeout`` seconds."""

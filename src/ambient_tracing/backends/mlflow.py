@@ -20,11 +20,12 @@ from typing import Any
 try:
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import LiveSpan, SpanStatus, SpanStatusCode, SpanType
+    from mlflow.entities import AssessmentSource, LiveSpan, SpanStatus, SpanStatusCode, SpanType
     from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
 
+from ..ratings import Rating
 from .base import Span, SpanKind, TokenUsage, TurnStart
 
 logger = logging.getLogger("ambient_tracing")
@@ -142,12 +143,107 @@ class MlflowBackend:
             return None  # a NoOpSpan (tracing disabled, sampled out): its id must never reach a client
         return _MlflowSpan(span, span.trace_id.removeprefix(TRACE_ID_PREFIX))
 
+    def record_span(
+        self,
+        name: str,
+        *,
+        thread_id: str,
+        user_id: str | None,
+        runner_type: str,
+        output: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A trace whose root span ``name`` has ``metadata`` as attributes and ``output`` as outputs;
+        tagged ``ambient.thread_id`` (and ``ambient.source`` from ``metadata["source"]``)."""
+        experiment_id = self._experiment_id
+        if experiment_id is None:
+            return
+        source = (metadata or {}).get("source")
+        tags = {"ambient.thread_id": thread_id, "ambient.source": source if isinstance(source, str) else None}
+        trace_metadata = {TraceMetadataKey.TRACE_SESSION: thread_id, TraceMetadataKey.TRACE_USER: user_id}
+        attributes = {
+            **(metadata or {}),
+            "ambient.runner_type": runner_type,
+            "ambient.session_id": thread_id,
+            "ambient.user_id": user_id,
+        }
+        try:
+            span = mlflow.start_span_no_context(
+                name,
+                span_type=SpanType.CHAIN,
+                attributes=_present(attributes),
+                tags=_present(tags),
+                metadata=_present(trace_metadata),
+                experiment_id=experiment_id,
+            )
+            span.end(outputs=output)
+        except Exception:
+            logger.warning("ambient-tracing: MLflow could not record span %r", name, exc_info=True)
+
     def flush(self, timeout: float) -> None:
         """Blocking: wait for MLflow's export queue to drain (about a second even when nearly empty)."""
         mlflow.flush_trace_async_logging(terminate=False)
 
     def shutdown(self) -> None:
         """Nothing to release: MLflow's exporter is process-wide and flushes itself at exit."""
+
+    # -- feedback (called from the rating delivery thread; blocking) --------------------------------
+
+    needs_trace = True
+
+    def deliver_rating(self, rating: Rating) -> None:
+        """Record a rating as an assessment; raises while the trace is not stored yet (retried).
+
+        Thumbs are a ``user-feedback`` feedback (bool), corrections a ``user-correction`` expectation,
+        both with source HUMAN and the user id. The same (message, user) rating again is a no-op; a
+        different value overrides the earlier assessment, so the trace keeps one valid rating.
+        """
+        assert rating.trace_id is not None
+        trace_id = to_mlflow_trace_id(rating.trace_id)
+        trace = self.client.get_trace(trace_id)  # raises "not found" until MLflow has exported it
+        source = AssessmentSource(source_type="HUMAN", source_id=rating.user_id or "anonymous")
+        metadata = dict(rating.metadata)
+        earlier = _earlier_assessment(trace.info.assessments, rating)
+        if rating.kind == "correction":
+            if earlier is not None:
+                if earlier.value == rating.value:
+                    return
+                mlflow.delete_assessment(trace_id=trace_id, assessment_id=earlier.assessment_id)
+            mlflow.log_expectation(
+                trace_id=trace_id, name=rating.name, value=rating.value, source=source, metadata=metadata
+            )
+        elif earlier is None:
+            mlflow.log_feedback(
+                trace_id=trace_id,
+                name=rating.name,
+                value=rating.value,
+                source=source,
+                rationale=rating.comment,
+                metadata=metadata,
+            )
+        elif earlier.value != rating.value or earlier.rationale != rating.comment:
+            mlflow.override_feedback(
+                trace_id=trace_id,
+                assessment_id=earlier.assessment_id,
+                value=rating.value,
+                rationale=rating.comment,
+                source=source,
+                metadata=metadata,
+            )
+
+    def latest_trace_id(self, thread_id: str) -> str | None:
+        """Blocking: the newest trace of the thread in this experiment (tag ``ambient.thread_id``)."""
+        if self._experiment_id is None or "'" in thread_id or "\\" in thread_id:
+            return None
+        traces = self.client.search_traces(
+            locations=[self._experiment_id],
+            # Only runs: the thread's Session Metrics traces carry the same tag.
+            filter_string=f"tags.`ambient.thread_id` = '{thread_id}' AND trace.name = '{ROOT_NAME}'",
+            order_by=["timestamp_ms DESC"],
+            max_results=1,
+            include_spans=False,
+        )
+        return traces[0].info.trace_id.removeprefix(TRACE_ID_PREFIX) if traces else None
 
 
 class _MlflowSpan:
@@ -247,6 +343,21 @@ class _EndedSpan:
 
 
 _ENDED = _EndedSpan()
+
+
+def _earlier_assessment(assessments: Sequence[Any], rating: Rating) -> Any:
+    """The valid assessment this rating replaces: same name, same user, same message."""
+    for assessment in assessments:
+        source = assessment.source
+        if (
+            assessment.name == rating.name
+            and getattr(assessment, "valid", True) is not False
+            and source is not None
+            and source.source_id == (rating.user_id or "anonymous")
+            and (assessment.metadata or {}).get("messageId") == rating.message_id
+        ):
+            return assessment
+    return None
 
 
 def _present(values: Mapping[str, Any]) -> dict[str, Any]:

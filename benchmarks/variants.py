@@ -1,0 +1,164 @@
+"""The middleware variants under test, built around the workload app.
+
+``raw``: no middleware. ``mw-none``: TracingMiddleware with ``Observability()`` (no backend).
+``mw-mlflow`` / ``mw-langfuse`` / ``mw-both``: TracingMiddleware with those backends (MLflow set up
+before timing). ``otel``: OpenTelemetry's ASGI middleware, SDK TracerProvider, a no-op exporter behind a
+SimpleSpanProcessor (every span is made, ended and handed to the exporter; nothing is dropped).
+``mw-null``: TracingMiddleware with a backend whose spans do nothing (the middleware's own cost).
+``otel-nosend``: the same with ``exclude_spans=["send", "receive"]``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp
+
+from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.backends.base import TracingBackend
+
+from .workload import make_app
+
+ALL = ("raw", "mw-none", "mw-null", "mw-mlflow", "mw-langfuse", "mw-both", "otel", "otel-nosend")
+TRACED = ("mw-mlflow", "mw-langfuse", "mw-both")
+
+
+class NullSpan:
+    """A span that records nothing: isolates the middleware's own cost from the vendor SDKs'."""
+
+    trace_id = "0123456789abcdef0123456789abcdef"
+
+    def start_child(
+        self, name: str, kind: Any, *, input: Any = None, attributes: Mapping[str, Any] | None = None
+    ) -> NullSpan:
+        return self
+
+    def set_input(self, input: Any) -> None:
+        pass
+
+    def end(self, **_: Any) -> None:
+        pass
+
+
+class NullBackend:
+    """``mw-null``: a backend whose spans cost nothing (the middleware's parse/scan cost alone)."""
+
+    name = "null"
+
+    def setup(self) -> None:
+        pass
+
+    def start_turn(self, turn: Any) -> NullSpan:
+        return NullSpan()
+
+    def flush(self, timeout: float) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def otel_app(app: ASGIApp, *, exclude: bool) -> ASGIApp:
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class NoOpExporter(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(NoOpExporter()))
+    return OpenTelemetryMiddleware(
+        app, tracer_provider=provider, exclude_spans=["send", "receive"] if exclude else None
+    )
+
+
+def langfuse_backend(host: str, **options: Any) -> TracingBackend:
+    from ambient_tracing.backends.langfuse import LangfuseBackend
+
+    key = uuid.uuid4().hex[:12]
+    options.setdefault("flush_timeout", 30.0)
+    return LangfuseBackend(
+        public_key=f"pk-lf-bench-{key}", secret_key=f"sk-lf-bench-{key}", host=host, **options
+    )
+
+
+def mlflow_backend(tracking_uri: str, *, setup: bool = True) -> TracingBackend:
+    from ambient_tracing.backends.mlflow import MlflowBackend
+
+    backend = MlflowBackend(tracking_uri=tracking_uri, experiment_name="bench")
+    if setup:
+        backend.setup()
+    return backend
+
+
+@dataclass
+class Variants:
+    """Builds each variant's ASGI app; the backends are made once and shared by the variants."""
+
+    mlflow_uri: str | None = None
+    langfuse_host: str | None = None
+    mask_messages: bool = True
+    _mlflow: TracingBackend | None = field(default=None, init=False)
+    _langfuse: TracingBackend | None = field(default=None, init=False)
+    observabilities: list[Observability] = field(default_factory=list, init=False)
+
+    def mlflow(self) -> TracingBackend:
+        if self._mlflow is None:
+            assert self.mlflow_uri, "no MLflow tracking URI"
+            self._mlflow = mlflow_backend(self.mlflow_uri)
+        return self._mlflow
+
+    def langfuse(self) -> TracingBackend:
+        if self._langfuse is None:
+            assert self.langfuse_host, "no Langfuse host"
+            self._langfuse = langfuse_backend(self.langfuse_host)
+        return self._langfuse
+
+    def build(self, name: str, app: ASGIApp | None = None) -> ASGIApp:
+        app = app or make_app()
+        if name == "raw":
+            return app
+        if name == "otel":
+            return otel_app(app, exclude=False)
+        if name == "otel-nosend":
+            return otel_app(app, exclude=True)
+        backends: list[TracingBackend] = []
+        if name in ("mw-mlflow", "mw-both"):
+            backends.append(self.mlflow())
+        if name in ("mw-langfuse", "mw-both"):
+            backends.append(self.langfuse())
+        if name == "mw-null":
+            backends.append(NullBackend())  # type: ignore[arg-type]
+        if name != "mw-none" and not backends:
+            raise ValueError(f"unknown variant {name!r}")
+        observability = Observability(backends, mask_messages=self.mask_messages)
+        self.observabilities.append(observability)
+        return TracingMiddleware(app, observability=observability)
+
+    def close(self) -> None:
+        """Export what is pending and stop the SDK threads (before the receiver or the store goes)."""
+        if self._mlflow is not None:
+            self._mlflow.flush(30.0)
+        if self._langfuse is not None:
+            self._langfuse.shutdown()
+
+    def flusher(self, name: str) -> Callable[[], None]:
+        """What waits for the variant's background export (so its CPU lands in the measurement)."""
+        actions: list[Callable[[], None]] = []
+        if name in ("mw-mlflow", "mw-both"):
+            backend = self.mlflow()
+            actions.append(lambda: backend.flush(30.0))
+        if name in ("mw-langfuse", "mw-both"):
+            langfuse = self.langfuse()
+            actions.append(lambda: langfuse.flush(30.0))
+
+        def flush() -> None:
+            for action in actions:
+                action()
+
+        return flush

@@ -1,0 +1,622 @@
+"""Session metrics: what happened in an AG-UI thread, reported as one ``Session Metrics`` span.
+
+Per thread (AG-UI ``threadId``) the core counts tool calls by category, tool failures by category
+and reason, clarification questions, human interrupts, tokens by model, and prices them. A
+:class:`SessionReporter` emits the counts to every backend when the thread goes idle, on
+``Observability.end_session`` and at shutdown. Each report carries the counts since the previous
+one (so reports add up); a thread with nothing new reports nothing.
+
+How things are recognised (see the README's "Session metrics"):
+
+- Tool category: :func:`default_tool_category` (``mcp__<server>__<tool>`` -> ``<server>``, else the
+  tool name), or the caller's own function.
+- Failed tool: :func:`tool_failure_reason` (an ``isError``/``error`` field on the result event, a
+  JSON object result with ``"error"`` or ``"isError": true``, or text starting with ``Error`` or
+  ``<tool_use_error>``). A ``RUN_ERROR`` fails every tool call still open, or counts under ``run``.
+- Clarification: a tool call whose name (its last ``__`` part, lower-cased, letters and digits
+  only) is in :data:`DEFAULT_CLARIFICATION_NAMES`, or an interrupt whose ``reason`` is.
+- Interrupt: a ``RUN_FINISHED`` whose ``outcome.type`` is ``interrupt`` (one per run).
+- Cost: :class:`Pricing`, USD per million tokens, longest prefix of the model name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import TokenUsage
+from .masking import MAX_VISIBLE_CHARS
+
+if TYPE_CHECKING:
+    from .backends.base import TracingBackend
+
+logger = logging.getLogger("ambient_tracing")
+
+SPAN_NAME = "Session Metrics"
+SOURCE = "ambient-runner-metrics"
+DEFAULT_SESSION_IDLE_SECONDS = 900.0
+RUN_CATEGORY = "run"  # failures of a RUN_ERROR with no tool call open
+MAX_REASON_CHARS = 120
+_MAX_KEYS = 100  # categories, reasons per category and models kept per report; the rest count as "other"
+_OTHER = "other"
+
+ToolCategoriser = Callable[[str], str]
+_categoriser_warned = False
+
+
+# -- pricing ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens. A cache price left None is charged at the input price."""
+
+    input: float
+    output: float
+    cache_read: float | None = None
+    cache_write: float | None = None
+
+
+#: List prices (USD / 1M tokens) of a few models per vendor; an estimate, override with ``pricing=``.
+DEFAULT_PRICES: Mapping[str, ModelPrice] = MappingProxyType(
+    {
+        # Anthropic (cache write = 5-minute cache)
+        "claude-opus-4": ModelPrice(15.0, 75.0, 1.5, 18.75),
+        "claude-opus-4-5": ModelPrice(5.0, 25.0, 0.5, 6.25),
+        "claude-opus-4-6": ModelPrice(5.0, 25.0, 0.5, 6.25),
+        "claude-sonnet-4": ModelPrice(3.0, 15.0, 0.3, 3.75),
+        "claude-3-7-sonnet": ModelPrice(3.0, 15.0, 0.3, 3.75),
+        "claude-haiku-4-5": ModelPrice(1.0, 5.0, 0.1, 1.25),
+        "claude-3-5-haiku": ModelPrice(0.8, 4.0, 0.08, 1.0),
+        # OpenAI (no cache write charge)
+        "gpt-5": ModelPrice(1.25, 10.0, 0.125),
+        "gpt-5-mini": ModelPrice(0.25, 2.0, 0.025),
+        "gpt-5-nano": ModelPrice(0.05, 0.4, 0.005),
+        "gpt-4.1": ModelPrice(2.0, 8.0, 0.5),
+        "gpt-4.1-mini": ModelPrice(0.4, 1.6, 0.1),
+        "gpt-4.1-nano": ModelPrice(0.1, 0.4, 0.025),
+        "gpt-4o": ModelPrice(2.5, 10.0, 1.25),
+        "gpt-4o-mini": ModelPrice(0.15, 0.6, 0.075),
+        "o3": ModelPrice(2.0, 8.0, 0.5),
+        "o3-mini": ModelPrice(1.1, 4.4, 0.55),
+        "o4-mini": ModelPrice(1.1, 4.4, 0.275),
+        # Google (prompts up to 200k tokens)
+        "gemini-2.5-pro": ModelPrice(1.25, 10.0, 0.31),
+        "gemini-2.5-flash": ModelPrice(0.3, 2.5, 0.075),
+        "gemini-2.0-flash": ModelPrice(0.1, 0.4, 0.025),
+        # Mistral
+        "mistral-large": ModelPrice(2.0, 6.0),
+        "mistral-medium": ModelPrice(0.4, 2.0),
+        "mistral-small": ModelPrice(0.1, 0.3),
+    }
+)
+
+
+class Pricing:
+    """Prices by model-name prefix: the longest matching prefix wins, case-insensitively.
+
+    ``prices`` are laid over :data:`DEFAULT_PRICES` (``include_defaults=False``: only ``prices``).
+    A name with a provider prefix (``openai:gpt-4o``, ``anthropic/claude-…``,
+    ``us.anthropic.claude-…``) is matched again after each ``:``, ``/`` or ``.`` when the whole
+    name has no match. An unknown model has no price: it adds nothing to the cost and is listed.
+    """
+
+    def __init__(
+        self, prices: Mapping[str, ModelPrice] | None = None, *, include_defaults: bool = True
+    ) -> None:
+        table = {**(DEFAULT_PRICES if include_defaults else {}), **(prices or {})}
+        for prefix, price in table.items():
+            if not isinstance(price, ModelPrice):
+                raise TypeError(f"price of {prefix!r} must be a ModelPrice, got {type(price).__name__}")
+        self._prefixes = sorted(((k.lower(), v) for k, v in table.items()), key=lambda kv: -len(kv[0]))
+
+    def price(self, model: str | None) -> ModelPrice | None:
+        if not model:
+            return None
+        name = model.strip().lower()
+        for start in (0, *(i + 1 for i, char in enumerate(name) if char in ":/.")):
+            candidate = name[start:]
+            for prefix, price in self._prefixes:
+                if candidate.startswith(prefix):
+                    return price
+        return None
+
+    def cost(self, model: str | None, tokens: TokenCounts) -> float | None:
+        """USD for ``tokens`` of ``model`` under AG-UI's accounting (cache and reasoning counts are
+        parts of the input and output totals); None when the model has no price."""
+        price = self.price(model)
+        if price is None:
+            return None
+        cache_read = price.input if price.cache_read is None else price.cache_read
+        cache_write = price.input if price.cache_write is None else price.cache_write
+        uncached = max(tokens.input - tokens.cache_read - tokens.cache_write, 0)
+        return (
+            uncached * price.input
+            + tokens.cache_read * cache_read
+            + tokens.cache_write * cache_write
+            + tokens.output * price.output
+        ) / 1_000_000
+
+
+# -- recognising things ----------------------------------------------------------------------------
+
+
+def default_tool_category(tool_name: str) -> str:
+    """``mcp__<server>__<tool>`` -> ``<server>`` (the Claude Agent SDK's MCP naming); else the name."""
+    if tool_name.startswith("mcp__"):
+        server, separator, _ = tool_name[5:].partition("__")
+        if separator and server:
+            return server
+    return tool_name
+
+
+#: Tool names and interrupt reasons that mean "the agent asks the user", normalised (see _normal).
+DEFAULT_CLARIFICATION_NAMES = frozenset(
+    {
+        "askuserquestion",  # Claude Code / Claude Agent SDK
+        "askuser",
+        "askhuman",
+        "askfollowupquestion",  # Cline
+        "askclarifyingquestion",
+        "clarify",
+        "clarification",
+        "requestuserinput",
+        "userinput",
+        "humaninput",
+        "inputrequired",
+        "question",
+    }
+)
+
+
+def _normal(name: str) -> str:
+    """The last ``__`` part, lower-cased, letters and digits only (``mcp__x__Ask_User``: askuser)."""
+    return re.sub(r"[^a-z0-9]", "", name.rsplit("__", 1)[-1].lower())
+
+
+_ERROR_TEXT = re.compile(r"\s*(?:error\b|<tool_use_error>)", re.IGNORECASE)
+
+
+def tool_failure_reason(event: Mapping[str, Any]) -> str | None:
+    """The first line of why a ``TOOL_CALL_RESULT`` failed, or None when it did not.
+
+    Failed means: an ``error`` field (any truthy value) or ``isError``/``is_error`` true on the event
+    (extra fields producers add); content that is a JSON object with a truthy ``"error"`` or
+    ``"isError": true`` (MCP's CallToolResult); or content text starting with ``Error`` (any case,
+    a whole word) or ``<tool_use_error>`` (Claude Code).
+    """
+    text = _content_text(event.get("content"))
+    error = event.get("error")
+    if error:
+        return _reason(error) if error is not True else _reason(text)
+    if event.get("isError") is True or event.get("is_error") is True:
+        return _reason(text)
+    stripped = text.lstrip()
+    if stripped.startswith("{") and ('"error"' in stripped or '"isError"' in stripped):
+        try:
+            value = json.loads(stripped)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            error = value.get("error")
+            if error and error is not True:
+                return _reason(error)
+            if error is True or value.get("isError") is True:
+                return _reason(value.get("message") or _content_text(value.get("content")) or text)
+    if _ERROR_TEXT.match(text):
+        return _reason(text)
+    return None
+
+
+def _content_text(content: Any) -> str:
+    """TOOL_CALL_RESULT content as text: the string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = (part.get("text") for part in content if isinstance(part, Mapping))
+        return "\n".join(part for part in parts if isinstance(part, str))
+    return ""
+
+
+def _reason(value: Any) -> str:
+    if isinstance(value, Mapping):
+        value = value.get("message") or value.get("error") or json.dumps(value, default=str)
+    text = str(value).replace("<tool_use_error>", "").replace("</tool_use_error>", "")
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return line[:MAX_REASON_CHARS] or "error"
+
+
+# -- the accumulator -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TokenCounts:
+    """Token totals under AG-UI's accounting: cache counts are parts of ``input``, reasoning of ``output``."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
+
+    def add(self, usage: TokenUsage) -> None:
+        self.input += usage.input_tokens or 0
+        self.output += usage.output_tokens or 0
+        self.cache_read += usage.cache_read_tokens or 0
+        self.cache_write += usage.cache_write_tokens or 0
+        self.reasoning += usage.reasoning_tokens or 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "cache_read": self.cache_read,
+            "cache_write": self.cache_write,
+            "reasoning": self.reasoning,
+            "total": self.input + self.output,
+        }
+
+
+class SessionMetrics:
+    """The counts of one thread since its last report. The core calls the ``run_*``/``tool_*`` methods
+    (never per text delta); :meth:`report` reads and resets them."""
+
+    __slots__ = (
+        "_categorise",
+        "_clarification_names",
+        "_clarifying",
+        "_pending",
+        "cancellations",
+        "clarifications",
+        "interrupts",
+        "last_activity",
+        "open_runs",
+        "period_start",
+        "run_errors",
+        "runs",
+        "thread_id",
+        "tokens",
+        "tool_calls",
+        "tool_failures",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        thread_id: str,
+        *,
+        categorise: ToolCategoriser = default_tool_category,
+        clarification_names: Iterable[str] = DEFAULT_CLARIFICATION_NAMES,
+    ) -> None:
+        self.thread_id = thread_id
+        self.user_id: str | None = None
+        self.open_runs = 0
+        self.last_activity = time.monotonic()
+        self._categorise = categorise
+        self._clarification_names = frozenset(_normal(name) for name in clarification_names)
+        self._pending: dict[str, str] = {}  # open tool call id -> category
+        self._clarifying: set[str] = set()  # open clarification tool call ids
+        self._reset()
+
+    def _reset(self) -> None:
+        self.period_start: float | None = None
+        self.runs = self.run_errors = self.clarifications = self.interrupts = self.cancellations = 0
+        self.tool_calls: dict[str, int] = {}
+        self.tool_failures: dict[str, dict[str, int]] = {}
+        self.tokens: dict[str, TokenCounts] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether anything happened since the last report."""
+        return self.period_start is not None
+
+    def _touch(self) -> None:
+        self.last_activity = time.monotonic()
+        if self.period_start is None:
+            self.period_start = time.time()
+
+    # -- fed by the core ---------------------------------------------------------------------------
+
+    def run_started(self, user_id: str | None) -> None:
+        self._touch()
+        self.runs += 1
+        self.open_runs += 1
+        if user_id:
+            self.user_id = user_id
+
+    def tool_started(self, call_id: str, name: str) -> None:
+        self._touch()
+        try:
+            category = str(self._categorise(name)) or name
+        except Exception:
+            global _categoriser_warned
+            if not _categoriser_warned:  # once per process: it may fail on every call
+                _categoriser_warned = True
+                logger.warning("ambient-tracing: the tool categoriser failed on %r", name, exc_info=True)
+            category = default_tool_category(name)
+        category = _bounded_key(self.tool_calls, category)
+        self.tool_calls[category] = self.tool_calls.get(category, 0) + 1
+        self._pending[call_id] = category
+        if _normal(name) in self._clarification_names:
+            self.clarifications += 1
+            self._clarifying.add(call_id)
+
+    def tool_result(self, call_id: str, event: Mapping[str, Any]) -> None:
+        self._touch()
+        category = self._pending.pop(call_id, "unknown")
+        reason = tool_failure_reason(event)
+        if reason is not None:
+            self._fail(category, reason)
+
+    def run_error(self, message: str) -> None:
+        """A RUN_ERROR: every tool call still open failed with its reason, else one ``run`` failure."""
+        self._touch()
+        self.run_errors += 1
+        reason = _reason(message)
+        for category in self._pending.values() or (RUN_CATEGORY,):
+            self._fail(category, reason)
+        self._pending.clear()
+
+    def run_finished(self, outcome: Any) -> None:
+        """RUN_FINISHED's ``outcome``: ``interrupt`` is a human interrupt, ``cancelled`` a cancellation."""
+        if not isinstance(outcome, Mapping):
+            return
+        self._touch()
+        kind = outcome.get("type")
+        if kind == "cancelled":
+            self.cancellations += 1
+        elif kind == "interrupt":
+            self.interrupts += 1
+            interrupts = outcome.get("interrupts")
+            for interrupt in interrupts if isinstance(interrupts, list) else ():
+                if (
+                    isinstance(interrupt, Mapping)
+                    and interrupt.get("toolCallId") not in self._clarifying
+                    and isinstance(reason := interrupt.get("reason"), str)
+                    and _normal(reason) in self._clarification_names
+                ):
+                    self.clarifications += 1
+
+    def run_ended(self, usage: Sequence[TokenUsage]) -> None:
+        """The run is over, however it ended: add its usage; calls left without a result are dropped."""
+        self._touch()
+        self.open_runs = max(self.open_runs - 1, 0)
+        for entry in usage:
+            model = _bounded_key(self.tokens, entry.model or "unknown")
+            counts = self.tokens.get(model)
+            if counts is None:
+                counts = self.tokens[model] = TokenCounts()
+            counts.add(entry)
+        if not self.open_runs:
+            self._pending.clear()
+            self._clarifying.clear()
+
+    def _fail(self, category: str, reason: str) -> None:
+        reasons = self.tool_failures.get(category)
+        if reasons is None:
+            reasons = self.tool_failures[_bounded_key(self.tool_failures, category)] = {}
+        reason = _bounded_key(reasons, reason)
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    # -- read by the reporter ----------------------------------------------------------------------
+
+    def report(self, pricing: Pricing, *, mask: bool = False) -> dict[str, Any]:
+        """The counts since the last report, as a JSON-ready dict; resets them."""
+        totals = TokenCounts()
+        cost: float | None = None
+        unpriced = []
+        for model, counts in self.tokens.items():
+            for name in ("input", "output", "cache_read", "cache_write", "reasoning"):
+                setattr(totals, name, getattr(totals, name) + getattr(counts, name))
+            model_cost = pricing.cost(None if model == "unknown" else model, counts)
+            if model_cost is None:
+                unpriced.append(model)
+            else:
+                cost = (cost or 0.0) + model_cost
+
+        def reason(text: str) -> str:
+            return text if not mask or len(text) <= MAX_VISIBLE_CHARS else text[: MAX_VISIBLE_CHARS - 1] + "…"
+
+        failures = {
+            category: {reason(text): n for text, n in reasons.items()}
+            for category, reasons in self.tool_failures.items()
+        }
+        report = {
+            "thread_id": self.thread_id,
+            "runs": self.runs,
+            "tool_calls": dict(self.tool_calls),
+            "tool_calls_total": sum(self.tool_calls.values()),
+            "tool_failures": {category: sum(reasons.values()) for category, reasons in failures.items()},
+            "tool_failures_total": sum(sum(reasons.values()) for reasons in failures.values()),
+            "tool_failure_reasons": failures,
+            "run_errors": self.run_errors,
+            "clarifications": self.clarifications,
+            "interrupts": self.interrupts,
+            "cancellations": self.cancellations,
+            "tokens": totals.as_dict(),
+            "tokens_by_model": {model: counts.as_dict() for model, counts in self.tokens.items()},
+            "models": sorted(model for model in self.tokens if model != "unknown"),
+            "estimated_cost_usd": None if cost is None else round(cost, 6),
+            "unpriced_models": sorted(unpriced),
+            "period_start": _iso(self.period_start),
+            "period_end": _iso(time.time()),
+        }
+        self._reset()
+        return report
+
+
+def _bounded_key(counts: Mapping[str, Any], key: str) -> str:
+    """``key``, or ``other`` once ``counts`` holds as many keys as a report keeps."""
+    return key if key in counts or len(counts) < _MAX_KEYS else _OTHER
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+class SessionReporter:
+    """Holds the :class:`SessionMetrics` of every thread and emits them as ``Session Metrics`` spans.
+
+    Idle threads are reported from a ``loop.call_later`` timer (re-armed only while some thread has
+    unreported activity) and, without a running loop, when a run starts. Emitting only creates spans;
+    the backends export them from their own threads, so nothing here blocks the event loop.
+    """
+
+    def __init__(
+        self,
+        backends: Callable[[], Sequence[TracingBackend]],
+        *,
+        runner_type: str,
+        pricing: Pricing | Mapping[str, ModelPrice] | None = None,
+        tool_category: ToolCategoriser | None = None,
+        clarification_names: Iterable[str] | None = None,
+        idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS,
+        max_threads: int = 10_000,
+        mask: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._backends = backends
+        self._runner_type = runner_type
+        self.pricing = pricing if isinstance(pricing, Pricing) else Pricing(pricing)
+        self._categorise = tool_category or default_tool_category
+        self._clarification_names = frozenset(
+            DEFAULT_CLARIFICATION_NAMES if clarification_names is None else clarification_names
+        )
+        self.idle_seconds = idle_seconds if idle_seconds and idle_seconds > 0 else None
+        self._max_threads = max_threads
+        self._mask = mask
+        self._sessions: OrderedDict[str, SessionMetrics] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._next_sweep = 0.0
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def run_started(self, thread_id: str, user_id: str | None) -> SessionMetrics | None:
+        """The thread's accumulator with one more run started (None once closed)."""
+        if self._closed:
+            return None
+        self._sweep_if_due()
+        session = self._sessions.get(thread_id)
+        if session is None:
+            session = self._sessions[thread_id] = SessionMetrics(
+                thread_id, categorise=self._categorise, clarification_names=self._clarification_names
+            )
+            while len(self._sessions) > self._max_threads:
+                oldest = next(iter(self._sessions.values()))
+                if oldest.active:
+                    self._emit(oldest)
+                if oldest.open_runs:  # still in use by a stream: keep it, newest last
+                    self._sessions.move_to_end(oldest.thread_id)
+                    break
+                self._sessions.popitem(last=False)
+        else:
+            self._sessions.move_to_end(thread_id)
+        session.run_started(user_id)
+        self._arm()
+        return session
+
+    def end_session(self, thread_id: str) -> bool:
+        """Report the thread now; False when it has nothing unreported."""
+        session = self._sessions.get(thread_id)
+        if session is None or not session.active:
+            return False
+        self._emit(session)
+        if not session.open_runs:
+            del self._sessions[thread_id]
+        return True
+
+    def close(self) -> int:
+        """Report every thread with unreported activity and stop the timer; returns how many."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reported = 0
+        for session in list(self._sessions.values()):
+            if session.active:
+                self._emit(session)
+                reported += 1
+        self._sessions.clear()
+        return reported
+
+    def sweep(self, now: float | None = None) -> int:
+        """Report the threads idle for ``idle_seconds`` with no run open; returns how many."""
+        if self.idle_seconds is None:
+            return 0
+        deadline = (time.monotonic() if now is None else now) - self.idle_seconds
+        idle = [
+            session
+            for session in self._sessions.values()
+            if not session.open_runs and session.last_activity <= deadline
+        ]
+        for session in idle:
+            if session.active:
+                self._emit(session)
+            del self._sessions[session.thread_id]
+        return len(idle)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _period(self) -> float:
+        assert self.idle_seconds is not None
+        return min(max(self.idle_seconds / 4, 0.05), 30.0)
+
+    def _sweep_if_due(self) -> None:
+        if self.idle_seconds is not None and time.monotonic() >= self._next_sweep:
+            self.sweep()
+            self._next_sweep = time.monotonic() + self._period()
+
+    def _arm(self) -> None:
+        if self.idle_seconds is None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): idle threads are swept when a run starts
+        if self._timer is not None:
+            if self._timer_loop is loop and not self._timer.cancelled():
+                return
+            self._timer.cancel()  # armed on a loop that has since stopped
+        self._timer_loop = loop
+        self._timer = loop.call_later(self._period(), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            self.sweep()
+        except Exception:  # pragma: no cover - a report must never break the loop
+            logger.warning("ambient-tracing: session metrics sweep failed", exc_info=True)
+        if self._sessions:
+            self._arm()
+
+    def _emit(self, session: SessionMetrics) -> None:
+        report = session.report(self.pricing, mask=self._mask())
+        metadata = {"source": SOURCE, "runner_type": self._runner_type, **report}
+        for backend in self._backends():
+            try:
+                backend.record_span(
+                    SPAN_NAME,
+                    thread_id=session.thread_id,
+                    user_id=session.user_id,
+                    runner_type=self._runner_type,
+                    output=report,
+                    metadata=metadata,
+                )
+            except Exception as exc:
+                logger.warning("ambient-tracing: %s could not record session metrics: %r", backend.name, exc)

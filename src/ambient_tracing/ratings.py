@@ -1,0 +1,160 @@
+"""Feedback from the browser: the origin runner's ``META`` body parsed into a :class:`Rating`.
+
+Pure data and validation, no HTTP and no vendor: the endpoint turns :class:`FeedbackError` into a
+status code, the delivery queue stores ratings as JSON, the backends record them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+RatingKind = Literal["thumbs_up", "thumbs_down", "correction"]
+KINDS: tuple[RatingKind, ...] = ("thumbs_up", "thumbs_down", "correction")
+#: The score (Langfuse) / assessment (MLflow) names, as the origin runner named its score.
+FEEDBACK_NAME = "user-feedback"
+CORRECTION_NAME = "user-correction"
+MAX_BODY_BYTES = 256 * 1024
+MAX_FIELD_CHARS = 4_000
+MAX_TRANSCRIPT_CHARS = 64_000
+_TRACE_ID = re.compile(r"^(?:tr-)?([0-9a-fA-F]{32})$")
+
+
+class FeedbackError(ValueError):
+    """A client mistake: ``status`` is the HTTP status to answer with (400, 403, 413)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Rating:
+    """One rating, ready to record. ``trace_id`` is bare 32 hex, None when not known (yet)."""
+
+    kind: RatingKind
+    thread_id: str | None
+    trace_id: str | None
+    user_id: str | None
+    message_id: str | None
+    comment: str | None
+    correction: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        """The score / assessment name: thumbs share one, so a changed mind replaces the rating."""
+        return CORRECTION_NAME if self.kind == "correction" else FEEDBACK_NAME
+
+    @property
+    def value(self) -> bool | str:
+        """True/False for thumbs up/down; the corrected answer for a correction."""
+        if self.kind == "correction":
+            return self.correction or ""
+        return self.kind == "thumbs_up"
+
+    @property
+    def key(self) -> str:
+        """Same (trace or session, message, user, name) -> same key: a retry or a second click updates."""
+        target = self.trace_id or f"session:{self.thread_id}"
+        raw = "\x1f".join((target, self.message_id or "", self.user_id or "", self.name))
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    def with_trace(self, trace_id: str | None) -> Rating:
+        return replace(self, trace_id=trace_id)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> Rating:
+        data = json.loads(line)
+        if data.get("kind") not in KINDS:
+            raise ValueError(f"not a rating: {line[:80]!r}")
+        return cls(**{key: data.get(key) for key in cls.__slots__ if key in data})
+
+
+def normalize_trace_id(value: Any) -> str | None:
+    """32 hex (either backend's form, ``tr-`` prefix allowed) -> bare lower-case hex; None if absent."""
+    if value is None or value == "":
+        return None
+    match = _TRACE_ID.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise FeedbackError(400, "payload.traceId must be 32 hex characters, optionally prefixed 'tr-'")
+    return match.group(1).lower()
+
+
+def parse_feedback(body: bytes) -> Rating:
+    """Validate an origin-compatible feedback body; raises :class:`FeedbackError` on client mistakes."""
+    if len(body) > MAX_BODY_BYTES:
+        raise FeedbackError(413, f"feedback body is over {MAX_BODY_BYTES // 1024} KiB")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise FeedbackError(400, "feedback body is not JSON") from None
+    if not isinstance(data, dict):
+        raise FeedbackError(400, "feedback body must be a JSON object")
+    if data.get("type") != "META":
+        raise FeedbackError(400, "type must be 'META'")
+    kind = data.get("metaType")
+    if kind not in KINDS:
+        raise FeedbackError(400, "metaType must be one of " + ", ".join(KINDS))
+    payload = data.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise FeedbackError(400, "payload must be a JSON object")
+    correction = _text(payload.get("correction"))
+    if kind == "correction" and not correction:
+        raise FeedbackError(400, "a correction needs payload.correction")
+    user_id = _text(payload.get("userId"), 200)
+    metadata = {
+        "project": _text(payload.get("projectName"), 200),
+        "session": _text(payload.get("sessionName"), 200),
+        "user": user_id,
+        "feedbackType": kind,
+        "workflow": _text(payload.get("workflow"), 200),
+        "messageId": _text(payload.get("messageId"), 200),
+    }
+    return Rating(
+        kind=kind,
+        thread_id=_text(data.get("threadId"), 200),
+        trace_id=normalize_trace_id(payload.get("traceId")),
+        user_id=user_id,
+        message_id=metadata["messageId"],
+        comment=_comment(payload),
+        correction=correction,
+        metadata={key: value for key, value in metadata.items() if value},
+    )
+
+
+def _text(value: Any, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """A string field, cut to ``limit`` characters; numbers are accepted as text, anything else ignored."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = str(value).strip()
+    return text[:limit] if text else None
+
+
+def _comment(payload: dict[str, Any]) -> str | None:
+    """The comment the origin runner built: comment, reason, context and, when asked, the transcript."""
+    parts = [_text(payload.get("comment"))]
+    if reason := _text(payload.get("reason")):
+        parts.append(f"Reason: {reason}")
+    if context := _text(payload.get("context")):
+        parts.append(f"Context: {context}")
+    transcript = payload.get("transcript")
+    if payload.get("includeTranscript") and isinstance(transcript, list):
+        lines = [
+            f"{_text(entry.get('role'), 40) or '?'}: {_text(entry.get('content')) or ''}"
+            for entry in transcript
+            if isinstance(entry, dict)
+        ]
+        if lines:
+            parts.append(("Transcript:\n" + "\n".join(lines))[:MAX_TRANSCRIPT_CHARS])
+    text = "\n\n".join(part for part in parts if part)
+    return text or None

@@ -1,0 +1,147 @@
+"""Observability's lifecycle and the rating delivery queue, with in-memory backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import ambient_tracing.observability as observability_module
+from ambient_tracing import Observability, Rating
+from ambient_tracing.backends.base import RatingRejected
+from ambient_tracing.delivery import RatingDelivery
+from tests.support.recording_backend import RecordingBackend
+
+
+class FlakySetup(RecordingBackend):
+    """Setup fails ``failures`` times (a backend down at startup), then succeeds."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.ready = False
+
+    def setup(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("backend down")
+        self.ready = True
+
+
+class Sink:
+    """A rating sink that fails until ``up`` and records what it stored."""
+
+    name = "sink"
+    needs_trace = True
+
+    def __init__(self, up: bool = True, reject: bool = False) -> None:
+        self.up = up
+        self.reject = reject
+        self.stored: list[Rating] = []
+
+    def deliver_rating(self, rating: Rating) -> None:
+        if self.reject:
+            raise RatingRejected("400")
+        if not self.up:
+            raise ConnectionError("down")
+        self.stored.append(rating)
+
+
+def a_rating(trace_id: str | None = "ab" * 16) -> Rating:
+    return Rating("thumbs_up", "thread", trace_id, "alice", "m-1", None, None)
+
+
+def wait_until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+async def test_a_backend_down_at_startup_is_set_up_once_it_is_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(observability_module, "SETUP_RETRY_SECONDS", 0.02)
+    backend = FlakySetup(failures=3)
+    obs = Observability([backend])
+    await obs.start()  # returns after the first attempt; retries continue in the background
+    wait_until(lambda: backend.ready)
+    await obs.aclose()
+
+
+def test_delivery_retries_until_the_sink_is_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ambient_tracing.delivery.FIRST_RETRY_SECONDS", 0.01)
+    sink = Sink(up=False)
+    delivery = RatingDelivery([sink], spool=tmp_path / "spool.jsonl")
+    delivery.start()
+    assert delivery.submit(a_rating()) == ["sink"]
+    time.sleep(0.2)
+    assert sink.stored == [] and delivery.pending == 1
+    sink.up = True
+    wait_until(lambda: delivery.pending == 0)
+    assert [r.trace_id for r in sink.stored] == ["ab" * 16]
+    delivery.close(1)
+    assert not (tmp_path / "spool.jsonl").exists()
+
+
+def test_a_rejected_rating_is_dropped_and_one_without_trace_skips_trace_sinks(tmp_path: Path) -> None:
+    rejecting = Sink(reject=True)
+    delivery = RatingDelivery([rejecting], spool=tmp_path / "spool.jsonl")
+    delivery.start()
+    delivery.submit(a_rating())
+    assert delivery.submit(a_rating(trace_id=None)) == []  # no trace, no way to find one
+    wait_until(lambda: delivery.pending == 0)
+    delivery.close(1)
+    assert not (tmp_path / "spool.jsonl").exists()
+
+
+def test_past_the_retry_window_a_rating_is_spooled_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ambient_tracing.delivery.FIRST_RETRY_SECONDS", 0.01)
+    spool = tmp_path / "spool.jsonl"
+    delivery = RatingDelivery([Sink(up=False)], spool=spool, retry_seconds=0.05)
+    delivery.start()
+    delivery.submit(a_rating())
+    wait_until(lambda: spool.exists())
+    assert Rating.from_json(spool.read_text().splitlines()[0]).trace_id == "ab" * 16
+    delivery.close(1)
+
+
+def test_spools_of_dead_processes_are_claimed_and_bad_lines_skipped(tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    spool.write_text(a_rating().to_json() + "\nnot json\n" + json.dumps({"kind": "nope"}) + "\n")
+    dead = tmp_path / "spool.jsonl.999999999.1.claimed"  # a pid that cannot exist
+    dead.write_text(a_rating("cd" * 16).to_json() + "\n")
+    alive = tmp_path / f"spool.jsonl.{os.getppid()}.1.claimed"  # a live process owns this one
+    alive.write_text(a_rating("ef" * 16).to_json() + "\n")
+    sink = Sink()
+    delivery = RatingDelivery([sink], spool=spool)
+    delivery.start()
+    wait_until(lambda: len(sink.stored) == 2)
+    delivery.close(1)
+    assert sorted(r.trace_id for r in sink.stored) == ["ab" * 16, "cd" * 16]
+    assert alive.exists() and not dead.exists() and not spool.exists()
+
+
+def test_close_spools_what_is_still_pending(tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    delivery = RatingDelivery([Sink(up=False)], spool=spool)
+    delivery.start()
+    for trace in ("ab", "cd"):
+        delivery.submit(a_rating(trace * 16))
+    delivery.close(0.5)
+    assert sorted(Rating.from_json(line).trace_id for line in spool.read_text().splitlines()) == [
+        "ab" * 16,
+        "cd" * 16,
+    ]
+
+
+def test_the_spool_location_comes_from_the_environment() -> None:
+    from ambient_tracing import TracingConfig
+
+    assert TracingConfig.from_env({"AMBIENT_FEEDBACK_SPOOL": "/srv/spool.jsonl"}).feedback_spool == Path(
+        "/srv/spool.jsonl"
+    )
+    assert TracingConfig.from_env({}).feedback_spool is None  # the default location is used
