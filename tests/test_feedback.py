@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -224,16 +225,40 @@ async def test_a_rating_pending_while_mlflow_is_down_is_delivered_when_it_is_bac
         server.stop()
 
 
+_FIRST_PROCESS = """
+import asyncio, sys
+from pathlib import Path
+from ambient_tracing import Observability, parse_feedback
+from ambient_tracing.backends.langfuse import LangfuseBackend
+
+async def main() -> None:
+    backend = LangfuseBackend(public_key="pk-lf-a", secret_key="sk-lf-a", host=sys.argv[1], timeout=2)
+    obs = Observability([backend], feedback_spool=Path(sys.argv[2]), flush_timeout=2)
+    await obs.start()
+    print(obs.submit_rating(parse_feedback(sys.argv[3].encode())))
+    await obs.aclose()  # Langfuse answers 503: the rating goes to the spool
+
+asyncio.run(main())
+"""
+
+
 async def test_a_spooled_rating_is_delivered_by_the_next_process(
     tmp_path: Path, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
     spool = tmp_path / "spool.jsonl"
     langfuse_receiver.mode = "503"
-    first = Observability([langfuse_backend()], feedback_spool=spool, flush_timeout=1)
-    with serve(app_with_feedback(first)) as url:
-        response = await post_feedback(url, rating(thread_id="thread-s", traceId="ab" * 16))
-        assert response.json()["event"]["recorded"] is True
-    await first.aclose()  # Langfuse answers 503: the rating goes to the spool
+    body = json.dumps(rating(thread_id="thread-s", traceId="ab" * 16))
+    first = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FIRST_PROCESS,
+        langfuse_receiver.base_url,
+        str(spool),
+        body,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await asyncio.wait_for(first.communicate(), timeout=60)
+    assert first.returncode == 0 and b"['langfuse']" in output
     [line] = spool.read_text().splitlines()
     assert json.loads(line)["trace_id"] == "ab" * 16
     assert langfuse_receiver.scores == []
@@ -242,7 +267,7 @@ async def test_a_spooled_rating_is_delivered_by_the_next_process(
     second = Observability([langfuse_backend()], feedback_spool=spool)
     await second.start()  # claims the spool and delivers it
     [score] = langfuse_receiver.wait_for_scores(1)
-    assert score["traceId"] == "ab" * 16
+    assert score["traceId"] == "ab" * 16 and score["value"] == 1
     await second.aclose()
     assert not spool.exists() and not list(tmp_path.glob("spool.jsonl.*"))
 

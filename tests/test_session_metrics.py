@@ -25,7 +25,8 @@ from ambient_tracing import (
     tool_failure_reason,
 )
 from ambient_tracing.backends.base import TokenUsage
-from ambient_tracing.metrics import SessionMetrics, TokenCounts
+from ambient_tracing.metrics import SessionMetrics
+from ambient_tracing.pricing import TokenCounts
 from ambient_tracing.request import RunRequest
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run

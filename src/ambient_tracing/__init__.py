@@ -12,18 +12,13 @@ from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
 from .config import LangfuseSettings, MlflowSettings, TracingConfig
 from .core import StreamTracer
 from .feedback import feedback_endpoint
-from .metrics import (
-    DEFAULT_PRICES,
-    ModelPrice,
-    Pricing,
-    SessionMetrics,
-    default_tool_category,
-    tool_failure_reason,
-)
+from .metrics import SessionMetrics
 from .middleware import TRACE_ID_EVENT_NAME, TracingMiddleware
 from .observability import Observability
+from .pricing import DEFAULT_PRICES, ModelPrice, Pricing
 from .ratings import FeedbackError, Rating, parse_feedback
 from .stream import trace_agui_stream, trace_id_event
+from .tool_signals import default_tool_category, tool_failure_reason
 
 if TYPE_CHECKING:
     from .backends.langfuse import LangfuseBackend

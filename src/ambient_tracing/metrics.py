@@ -22,19 +22,24 @@ How things are recognised (see the README's "Session metrics"):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import TokenUsage
 from .masking import MAX_VISIBLE_CHARS
+from .pricing import ModelPrice, Pricing, TokenCounts
+from .tool_signals import (
+    DEFAULT_CLARIFICATION_NAMES,
+    ToolCategoriser,
+    default_tool_category,
+    failure_reason,
+    normal_name,
+    tool_failure_reason,
+)
 
 if TYPE_CHECKING:
     from .backends.base import TracingBackend
@@ -45,225 +50,13 @@ SPAN_NAME = "Session Metrics"
 SOURCE = "ambient-runner-metrics"
 DEFAULT_SESSION_IDLE_SECONDS = 900.0
 RUN_CATEGORY = "run"  # failures of a RUN_ERROR with no tool call open
-MAX_REASON_CHARS = 120
 _MAX_KEYS = 100  # categories, reasons per category and models kept per report; the rest count as "other"
 _OTHER = "other"
 
-ToolCategoriser = Callable[[str], str]
 _categoriser_warned = False
 
 
-# -- pricing ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModelPrice:
-    """USD per million tokens. A cache price left None is charged at the input price."""
-
-    input: float
-    output: float
-    cache_read: float | None = None
-    cache_write: float | None = None
-
-
-#: List prices (USD / 1M tokens) of a few models per vendor; an estimate, override with ``pricing=``.
-DEFAULT_PRICES: Mapping[str, ModelPrice] = MappingProxyType(
-    {
-        # Anthropic (cache write = 5-minute cache)
-        "claude-opus-4": ModelPrice(15.0, 75.0, 1.5, 18.75),
-        "claude-opus-4-5": ModelPrice(5.0, 25.0, 0.5, 6.25),
-        "claude-opus-4-6": ModelPrice(5.0, 25.0, 0.5, 6.25),
-        "claude-sonnet-4": ModelPrice(3.0, 15.0, 0.3, 3.75),
-        "claude-3-7-sonnet": ModelPrice(3.0, 15.0, 0.3, 3.75),
-        "claude-haiku-4-5": ModelPrice(1.0, 5.0, 0.1, 1.25),
-        "claude-3-5-haiku": ModelPrice(0.8, 4.0, 0.08, 1.0),
-        # OpenAI (no cache write charge)
-        "gpt-5": ModelPrice(1.25, 10.0, 0.125),
-        "gpt-5-mini": ModelPrice(0.25, 2.0, 0.025),
-        "gpt-5-nano": ModelPrice(0.05, 0.4, 0.005),
-        "gpt-4.1": ModelPrice(2.0, 8.0, 0.5),
-        "gpt-4.1-mini": ModelPrice(0.4, 1.6, 0.1),
-        "gpt-4.1-nano": ModelPrice(0.1, 0.4, 0.025),
-        "gpt-4o": ModelPrice(2.5, 10.0, 1.25),
-        "gpt-4o-mini": ModelPrice(0.15, 0.6, 0.075),
-        "o3": ModelPrice(2.0, 8.0, 0.5),
-        "o3-mini": ModelPrice(1.1, 4.4, 0.55),
-        "o4-mini": ModelPrice(1.1, 4.4, 0.275),
-        # Google (prompts up to 200k tokens)
-        "gemini-2.5-pro": ModelPrice(1.25, 10.0, 0.31),
-        "gemini-2.5-flash": ModelPrice(0.3, 2.5, 0.075),
-        "gemini-2.0-flash": ModelPrice(0.1, 0.4, 0.025),
-        # Mistral
-        "mistral-large": ModelPrice(2.0, 6.0),
-        "mistral-medium": ModelPrice(0.4, 2.0),
-        "mistral-small": ModelPrice(0.1, 0.3),
-    }
-)
-
-
-class Pricing:
-    """Prices by model-name prefix: the longest matching prefix wins, case-insensitively.
-
-    ``prices`` are laid over :data:`DEFAULT_PRICES` (``include_defaults=False``: only ``prices``).
-    A name with a provider prefix (``openai:gpt-4o``, ``anthropic/claude-…``,
-    ``us.anthropic.claude-…``) is matched again after each ``:``, ``/`` or ``.`` when the whole
-    name has no match. An unknown model has no price: it adds nothing to the cost and is listed.
-    """
-
-    def __init__(
-        self, prices: Mapping[str, ModelPrice] | None = None, *, include_defaults: bool = True
-    ) -> None:
-        table = {**(DEFAULT_PRICES if include_defaults else {}), **(prices or {})}
-        for prefix, price in table.items():
-            if not isinstance(price, ModelPrice):
-                raise TypeError(f"price of {prefix!r} must be a ModelPrice, got {type(price).__name__}")
-        self._prefixes = sorted(((k.lower(), v) for k, v in table.items()), key=lambda kv: -len(kv[0]))
-
-    def price(self, model: str | None) -> ModelPrice | None:
-        if not model:
-            return None
-        name = model.strip().lower()
-        for start in (0, *(i + 1 for i, char in enumerate(name) if char in ":/.")):
-            candidate = name[start:]
-            for prefix, price in self._prefixes:
-                if candidate.startswith(prefix):
-                    return price
-        return None
-
-    def cost(self, model: str | None, tokens: TokenCounts) -> float | None:
-        """USD for ``tokens`` of ``model`` under AG-UI's accounting (cache and reasoning counts are
-        parts of the input and output totals); None when the model has no price."""
-        price = self.price(model)
-        if price is None:
-            return None
-        cache_read = price.input if price.cache_read is None else price.cache_read
-        cache_write = price.input if price.cache_write is None else price.cache_write
-        uncached = max(tokens.input - tokens.cache_read - tokens.cache_write, 0)
-        return (
-            uncached * price.input
-            + tokens.cache_read * cache_read
-            + tokens.cache_write * cache_write
-            + tokens.output * price.output
-        ) / 1_000_000
-
-
-# -- recognising things ----------------------------------------------------------------------------
-
-
-def default_tool_category(tool_name: str) -> str:
-    """``mcp__<server>__<tool>`` -> ``<server>`` (the Claude Agent SDK's MCP naming); else the name."""
-    if tool_name.startswith("mcp__"):
-        server, separator, _ = tool_name[5:].partition("__")
-        if separator and server:
-            return server
-    return tool_name
-
-
-#: Tool names and interrupt reasons that mean "the agent asks the user", normalised (see _normal).
-DEFAULT_CLARIFICATION_NAMES = frozenset(
-    {
-        "askuserquestion",  # Claude Code / Claude Agent SDK
-        "askuser",
-        "askhuman",
-        "askfollowupquestion",  # Cline
-        "askclarifyingquestion",
-        "clarify",
-        "clarification",
-        "requestuserinput",
-        "userinput",
-        "humaninput",
-        "inputrequired",
-        "question",
-    }
-)
-
-
-def _normal(name: str) -> str:
-    """The last ``__`` part, lower-cased, letters and digits only (``mcp__x__Ask_User``: askuser)."""
-    return re.sub(r"[^a-z0-9]", "", name.rsplit("__", 1)[-1].lower())
-
-
-_ERROR_TEXT = re.compile(r"\s*(?:error\b|<tool_use_error>)", re.IGNORECASE)
-
-
-def tool_failure_reason(event: Mapping[str, Any]) -> str | None:
-    """The first line of why a ``TOOL_CALL_RESULT`` failed, or None when it did not.
-
-    Failed means: an ``error`` field (any truthy value) or ``isError``/``is_error`` true on the event
-    (extra fields producers add); content that is a JSON object with a truthy ``"error"`` or
-    ``"isError": true`` (MCP's CallToolResult); or content text starting with ``Error`` (any case,
-    a whole word) or ``<tool_use_error>`` (Claude Code).
-    """
-    text = _content_text(event.get("content"))
-    error = event.get("error")
-    if error:
-        return _reason(error) if error is not True else _reason(text)
-    if event.get("isError") is True or event.get("is_error") is True:
-        return _reason(text)
-    stripped = text.lstrip()
-    if stripped.startswith("{") and ('"error"' in stripped or '"isError"' in stripped):
-        try:
-            value = json.loads(stripped)
-        except ValueError:
-            value = None
-        if isinstance(value, dict):
-            error = value.get("error")
-            if error and error is not True:
-                return _reason(error)
-            if error is True or value.get("isError") is True:
-                return _reason(value.get("message") or _content_text(value.get("content")) or text)
-    if _ERROR_TEXT.match(text):
-        return _reason(text)
-    return None
-
-
-def _content_text(content: Any) -> str:
-    """TOOL_CALL_RESULT content as text: the string, or the text parts of a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = (part.get("text") for part in content if isinstance(part, Mapping))
-        return "\n".join(part for part in parts if isinstance(part, str))
-    return ""
-
-
-def _reason(value: Any) -> str:
-    if isinstance(value, Mapping):
-        value = value.get("message") or value.get("error") or json.dumps(value, default=str)
-    text = str(value).replace("<tool_use_error>", "").replace("</tool_use_error>", "")
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return line[:MAX_REASON_CHARS] or "error"
-
-
 # -- the accumulator -------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class TokenCounts:
-    """Token totals under AG-UI's accounting: cache counts are parts of ``input``, reasoning of ``output``."""
-
-    input: int = 0
-    output: int = 0
-    cache_read: int = 0
-    cache_write: int = 0
-    reasoning: int = 0
-
-    def add(self, usage: TokenUsage) -> None:
-        self.input += usage.input_tokens or 0
-        self.output += usage.output_tokens or 0
-        self.cache_read += usage.cache_read_tokens or 0
-        self.cache_write += usage.cache_write_tokens or 0
-        self.reasoning += usage.reasoning_tokens or 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "input": self.input,
-            "output": self.output,
-            "cache_read": self.cache_read,
-            "cache_write": self.cache_write,
-            "reasoning": self.reasoning,
-            "total": self.input + self.output,
-        }
 
 
 class SessionMetrics:
@@ -302,7 +95,7 @@ class SessionMetrics:
         self.open_runs = 0
         self.last_activity = time.monotonic()
         self._categorise = categorise
-        self._clarification_names = frozenset(_normal(name) for name in clarification_names)
+        self._clarification_names = frozenset(normal_name(name) for name in clarification_names)
         self._pending: dict[str, str] = {}  # open tool call id -> category
         self._clarifying: set[str] = set()  # open clarification tool call ids
         self._reset()
@@ -346,7 +139,7 @@ class SessionMetrics:
         category = _bounded_key(self.tool_calls, category)
         self.tool_calls[category] = self.tool_calls.get(category, 0) + 1
         self._pending[call_id] = category
-        if _normal(name) in self._clarification_names:
+        if normal_name(name) in self._clarification_names:
             self.clarifications += 1
             self._clarifying.add(call_id)
 
@@ -361,7 +154,7 @@ class SessionMetrics:
         """A RUN_ERROR: every tool call still open failed with its reason, else one ``run`` failure."""
         self._touch()
         self.run_errors += 1
-        reason = _reason(message)
+        reason = failure_reason(message)
         for category in self._pending.values() or (RUN_CATEGORY,):
             self._fail(category, reason)
         self._pending.clear()
@@ -382,7 +175,7 @@ class SessionMetrics:
                     isinstance(interrupt, Mapping)
                     and interrupt.get("toolCallId") not in self._clarifying
                     and isinstance(reason := interrupt.get("reason"), str)
-                    and _normal(reason) in self._clarification_names
+                    and normal_name(reason) in self._clarification_names
                 ):
                     self.clarifications += 1
 

@@ -15,16 +15,11 @@ from .backends.base import RatingSink, Span, TraceFinder, TracingBackend, TurnSt
 from .config import DEFAULT_RUNNER_TYPE, TracingConfig, default_spool_path
 from .delivery import DEFAULT_RETRY_SECONDS, RatingDelivery
 from .fanout import FanoutSpan
-from .metrics import (
-    DEFAULT_SESSION_IDLE_SECONDS,
-    ModelPrice,
-    Pricing,
-    SessionMetrics,
-    SessionReporter,
-    ToolCategoriser,
-)
+from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
+from .pricing import ModelPrice, Pricing
 from .ratings import Rating
 from .registry import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
+from .tool_signals import ToolCategoriser
 
 if TYPE_CHECKING:
     from .core import StreamTracer
