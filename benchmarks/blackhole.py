@@ -59,12 +59,12 @@ def _timed(
 def main(case: str, events: int, reps: int, urls: list[str]) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
     if case == "langfuse":
-        healthy, blackhole, refused = urls
-        apps = {
+        healthy_url, blackhole_url, refused_url = urls
+        apps: dict[str, ASGIApp] = {
             "raw": make_app(),
-            "langfuse-healthy": _traced(langfuse_backend(healthy, flush_timeout=2.0)),
-            "langfuse-blackhole": _traced(langfuse_backend(blackhole, flush_timeout=2.0)),
-            "langfuse-refused": _traced(langfuse_backend(refused, flush_timeout=2.0)),
+            "langfuse-healthy": _traced(langfuse_backend(healthy_url, flush_timeout=2.0)),
+            "langfuse-blackhole": _traced(langfuse_backend(blackhole_url, flush_timeout=2.0)),
+            "langfuse-refused": _traced(langfuse_backend(refused_url, flush_timeout=2.0)),
         }
         return _timed(apps, events, reps, loop)
     if case == "mlflow-server":
@@ -77,12 +77,12 @@ def main(case: str, events: int, reps: int, urls: list[str]) -> dict[str, Any]:
             server = MlflowServer(Path(tmp)).start()
             try:
                 backend = mlflow_backend(server.url)
-                apps = {"raw": make_app(), "mlflow-healthy": _traced(backend)}
-                healthy = _timed(apps, events, reps, loop)
+                healthy_apps: dict[str, ASGIApp] = {"raw": make_app(), "mlflow-healthy": _traced(backend)}
+                healthy = _timed(healthy_apps, events, reps, loop)
             finally:
                 server.stop()
-            apps = {"raw": make_app(), "mlflow-gone": _traced(backend)}
-            gone = _timed(apps, events, reps, loop)
+            gone_apps: dict[str, ASGIApp] = {"raw": make_app(), "mlflow-gone": _traced(backend)}
+            gone = _timed(gone_apps, events, reps, loop)
         return {
             "wall_s": {
                 **healthy["wall_s"],
@@ -93,8 +93,8 @@ def main(case: str, events: int, reps: int, urls: list[str]) -> dict[str, Any]:
         }
     if case == "mlflow-unreachable":
         backend = mlflow_backend(closed_port_url(), setup=False)
-        apps = {"raw": make_app(), "mlflow-unreachable": _traced(backend)}
-        return _timed(apps, events, reps, loop)
+        unreachable_apps: dict[str, ASGIApp] = {"raw": make_app(), "mlflow-unreachable": _traced(backend)}
+        return _timed(unreachable_apps, events, reps, loop)
     raise SystemExit(f"unknown case {case!r}")
 
 

@@ -134,5 +134,5 @@ def wait_for_stdin_eof(max_seconds: float = 3600.0) -> None:
     deadline = time.monotonic() + max_seconds
     while time.monotonic() < deadline:
         readable, _, _ = select.select([sys.stdin], [], [], 1.0)
-        if readable and not sys.stdin.buffer.read1(4096):
+        if readable and not os.read(sys.stdin.fileno(), 4096):
             return

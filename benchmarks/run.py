@@ -130,7 +130,7 @@ def run_spancost(report: Report, quick: bool, tmp: Path, langfuse_url: str) -> N
             "langfuse": spancost.in_stream_costs(variants.langfuse(), events),
         }
         rows = [
-            [backend, op, calls, fmt(med, 1), fmt(total, 1), fmt(total * 1e3 / events, 2)]
+            [backend, op, str(calls), fmt(med, 1), fmt(total, 1), fmt(total * 1e3 / events, 2)]
             for backend, ops in in_stream.items()
             for op, (calls, med, total) in ops.items()
         ]
@@ -174,7 +174,7 @@ def run_loopback(
                 text,
             )
         if concurrency:
-            streams, events, interval, passes = (50, 60, 0.05, 1) if quick else (200, 200, 0.05, 1)
+            streams, events, interval, passes = (50, 60, 0.05, 1) if quick else (200, 150, 0.05, 2)
             latencies = asyncio.run(loopback.concurrency(urls, streams, events, interval, passes))
             text, summary = loopback.concurrency_report(latencies, streams)
             report.data["concurrency"] = summary

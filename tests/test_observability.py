@@ -13,6 +13,7 @@ import ambient_tracing.observability as observability_module
 from ambient_tracing import Observability, Rating
 from ambient_tracing.backends.base import RatingRejected
 from ambient_tracing.delivery import RatingDelivery
+from tests.support.recording_backend import RecordedSpan as RecordedSpanType
 from tests.support.recording_backend import RecordingBackend
 
 
@@ -145,3 +146,55 @@ def test_the_spool_location_comes_from_the_environment() -> None:
         "/srv/spool.jsonl"
     )
     assert TracingConfig.from_env({}).feedback_spool is None  # the default location is used
+
+
+class DeferredRecording(RecordingBackend):
+    """A recording backend that asks for its span calls to run off the event loop, as vendors do."""
+
+    defer_spans = True
+
+
+async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -> None:
+    import threading
+
+    from ambient_tracing import trace_agui_stream
+    from tests.support.agui_app import run_input, scripted_run
+
+    backend = DeferredRecording()
+    threads: set[str] = set()
+    original = RecordedSpanType.start_child
+
+    def spy(self: object, *args: object, **kwargs: object) -> object:
+        threads.add(threading.current_thread().name)
+        assert kwargs["start_time_ns"] is not None  # the time the call happened on the loop
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    RecordedSpanType.start_child = spy  # type: ignore[method-assign]
+    try:
+        obs = Observability([backend])
+
+        async def events():  # type: ignore[no-untyped-def]
+            for event in scripted_run("t-d", "r-d"):
+                yield event
+
+        seen = [
+            e async for e in trace_agui_stream(events(), observability=obs, run_input=run_input("t-d", "r-d"))
+        ]
+        assert obs._span_worker.drain(5)
+    finally:
+        RecordedSpanType.start_child = original  # type: ignore[method-assign]
+    assert len(seen) == len(scripted_run("t-d", "r-d")) + 1
+    [turn] = backend.turns
+    assert [child.name for child in turn.children] == ["tool_search"]
+    assert turn.children[0].input == {"query": "life"} and turn.children[0].output == "42"
+    assert turn.ended == 1 and not backend.open_spans()
+    assert threads == {"ambient-tracing-spans"}
+    await obs.aclose()
+
+
+async def test_new_runs_skip_deferred_backends_while_the_worker_is_far_behind() -> None:
+    backend = DeferredRecording()
+    obs = Observability([backend])
+    obs._span_worker._max_backlog = -1  # always "behind"
+    assert obs.open_turn(thread_id="t", run_id="r", user_id=None, user_name=None, input=None) is None
+    await obs.aclose()

@@ -43,17 +43,14 @@ class FanoutSpan:
         *,
         input: Any = None,
         attributes: Mapping[str, Any] | None = None,
+        start_time_ns: int | None = None,
     ) -> FanoutSpan:
-        children = [
-            child
-            for span in self._spans
-            if (
-                child := _guarded(
-                    span, lambda s: s.start_child(name, kind, input=input, attributes=attributes)
-                )
+        def start(span: Span) -> Span:
+            return span.start_child(
+                name, kind, input=input, attributes=attributes, start_time_ns=start_time_ns
             )
-            is not None
-        ]
+
+        children = [child for span in self._spans if (child := _guarded(span, start)) is not None]
         return FanoutSpan(children, self.trace_id)
 
     def set_input(self, input: Any) -> None:
@@ -68,9 +65,17 @@ class FanoutSpan:
         model: str | None = None,
         usage: Sequence[TokenUsage] = (),
         attributes: Mapping[str, Any] | None = None,
+        end_time_ns: int | None = None,
     ) -> None:
         for span in self._spans:
             _guarded(
                 span,
-                lambda s: s.end(output=output, error=error, model=model, usage=usage, attributes=attributes),
+                lambda s: s.end(
+                    output=output,
+                    error=error,
+                    model=model,
+                    usage=usage,
+                    attributes=attributes,
+                    end_time_ns=end_time_ns,
+                ),
             )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends.base import RatingSink, Span, TraceFinder, TracingBackend, TurnStart
 from .config import DEFAULT_RUNNER_TYPE, TracingConfig, default_spool_path
+from .deferred import DeferredSpan, SpanWorker
 from .delivery import DEFAULT_RETRY_SECONDS, RatingDelivery
 from .fanout import FanoutSpan
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
@@ -96,6 +97,8 @@ class Observability:
         self._setup: Future[None] | None = None
         self._closed = False
         self._stopping = threading.Event()
+        # Vendor span calls after a turn opens run here, off the event loop (see deferred.py).
+        self._span_worker = SpanWorker()
         #: Ratings on their way to the backends (see :mod:`ambient_tracing.delivery`).
         self.ratings = RatingDelivery(
             [backend for backend in self.backends if isinstance(backend, RatingSink)],
@@ -244,6 +247,7 @@ class Observability:
             stream.close(error="shutdown before the run finished")
         if self._sessions is not None:
             self._sessions.close()  # Session Metrics spans, before the flush below sends them
+        await self._in_thread(self._span_worker.drain, self.flush_timeout, "span worker drain")
         await self._in_thread(self.ratings.close, self.flush_timeout, "rating delivery")
         for backend in self.backends:
             await self._in_thread(backend.flush, self.flush_timeout, f"{backend.name} flush")
@@ -289,14 +293,19 @@ class Observability:
         )
         spans: list[Span] = []
         trace_id: str | None = None
+        overloaded = self._span_worker.overloaded
         for backend in self.backends:
+            deferred = getattr(backend, "defer_spans", False)
+            if deferred and overloaded:
+                logger.warning("ambient-tracing: span worker behind; %s skips this run", backend.name)
+                continue
             try:
                 span = backend.start_turn(turn if trace_id is None else replace(turn, trace_id=trace_id))
             except Exception as exc:
                 logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
                 continue
             if span is not None:
-                spans.append(span)
+                spans.append(DeferredSpan(self._span_worker, span.trace_id, span) if deferred else span)
                 trace_id = trace_id or span.trace_id
         if trace_id is None:
             return None

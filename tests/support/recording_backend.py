@@ -30,7 +30,13 @@ class RecordedSpan:
     turn: TurnStart | None = None
 
     def start_child(
-        self, name: str, kind: SpanKind, *, input: Any = None, attributes: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        kind: SpanKind,
+        *,
+        input: Any = None,
+        attributes: Mapping[str, Any] | None = None,
+        start_time_ns: int | None = None,
     ) -> RecordedSpan:
         child = RecordedSpan(name, kind, self.trace_id, self, input, dict(attributes or {}))
         self.children.append(child)
@@ -48,6 +54,7 @@ class RecordedSpan:
         model: str | None = None,
         usage: Sequence[TokenUsage] = (),
         attributes: Mapping[str, Any] | None = None,
+        end_time_ns: int | None = None,
     ) -> None:
         self.ended += 1
         self.output, self.error, self.model, self.usage = output, error, model, tuple(usage)

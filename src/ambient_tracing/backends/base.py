@@ -75,7 +75,10 @@ class Span(Protocol):
         *,
         input: Any = None,
         attributes: Mapping[str, Any] | None = None,
-    ) -> Span: ...
+        start_time_ns: int | None = None,
+    ) -> Span:
+        """Open a child; ``start_time_ns`` (epoch ns) when it started earlier than now."""
+        ...
 
     def set_input(self, input: Any) -> None:
         """Record the span's input once it is known (tool arguments arrive after the call starts)."""
@@ -89,9 +92,28 @@ class Span(Protocol):
         model: str | None = None,
         usage: Sequence[TokenUsage] = (),
         attributes: Mapping[str, Any] | None = None,
+        end_time_ns: int | None = None,
     ) -> None:
-        """End the span; ``error`` set means ERROR status with that message."""
+        """End the span (at ``end_time_ns``, epoch ns, when given); ``error`` means ERROR status."""
         ...
+
+
+class NullSpan:
+    """A span that records nothing: stands in for one a backend did not make, or one not kept."""
+
+    trace_id = ""
+
+    def start_child(self, name: str, kind: SpanKind, **_: Any) -> Span:
+        return self
+
+    def set_input(self, input: Any) -> None:
+        pass
+
+    def end(self, **_: Any) -> None:
+        pass
+
+
+NULL_SPAN: Span = NullSpan()
 
 
 @runtime_checkable
