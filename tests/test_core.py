@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ambient_tracing import Observability, SpanKind, StreamTracer
+from ambient_tracing import Observability, SpanKind, StreamTracer, core
 from ambient_tracing.core import MAX_TEXT_CHARS, TRUNCATED
 from ambient_tracing.masking import REDACTED
 from ambient_tracing.request import RunRequest
@@ -291,6 +291,22 @@ def test_recorded_text_is_capped() -> None:
     output = only_turn(backend).output
     assert output.startswith("y" * MAX_TEXT_CHARS)
     assert output == "y" * MAX_TEXT_CHARS + TRUNCATED
+
+
+def test_spans_per_run_are_capped_and_the_rest_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(core, "MAX_SPANS_PER_RUN", 3)
+    calls = [
+        event
+        for number in range(5)
+        for event in (
+            {"type": "TOOL_CALL_START", "toolCallId": f"c{number}", "toolCallName": "search"},
+            {"type": "TOOL_CALL_RESULT", "toolCallId": f"c{number}", "messageId": "x", "content": "ok"},
+        )
+    ]
+    backend, _, _ = trace(run({"type": "STEP_STARTED", "stepName": "s"}, *calls))
+    turn = only_turn(backend)
+    assert [span.name for span in turn.walk()[1:]] == ["step_s", "tool_search", "tool_search"]
+    assert turn.attributes["ambient.spans_not_recorded"] == 3
 
 
 def test_a_run_no_backend_records_gets_no_id() -> None:

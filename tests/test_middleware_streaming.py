@@ -444,3 +444,39 @@ async def test_app_raising_before_responding_is_untraced_and_the_error_reaches_t
     assert traced.status == plain.status == 500 and traced.raw == plain.raw
     assert not pair.turns("t-noresp")
     await still_serves(pair)
+
+
+async def test_run_started_goes_out_before_the_turn_opens_and_text_before_it_is_traced() -> None:
+    """Tracing never delays the app's bytes: each chunk is forwarded before its events are traced,
+    and a RUN_STARTED frame before the (costly) turn opening, its id frame right after."""
+    from ambient_tracing import Observability, TracingMiddleware
+    from tests.support.asgi_driver import Driven, drive, frame, sse_app
+    from tests.support.recording_backend import RecordingBackend
+
+    sent: list[bytes] = []
+
+    class Watching(RecordingBackend):
+        def start_turn(self, turn):  # type: ignore[no-untyped-def]
+            self.seen_at_open = b"".join(sent)
+            return super().start_turn(turn)
+
+    backend = Watching()
+    started = frame({"type": "RUN_STARTED", "threadId": "t", "runId": "r"})
+    prefix = b": ping\n\n"
+    rest = frame({"type": "RUN_FINISHED", "threadId": "t", "runId": "r"})
+    app = TracingMiddleware(sse_app([prefix + started + rest]), observability=Observability([backend]))
+
+    async def recording_app(scope, receive, send):  # type: ignore[no-untyped-def]
+        async def spy(message):  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.body":
+                sent.append(message.get("body", b""))
+            await send(message)
+
+        await app(scope, receive, spy)
+
+    driven: Driven = await drive(recording_app, [b"{}"])
+    assert backend.seen_at_open == prefix + started  # the bytes up to RUN_STARTED were already out
+    [turn] = backend.turns
+    id_frame = driven.chunks[1]
+    assert driven.chunks == [prefix + started, id_frame, rest, b""]
+    assert turn.trace_id.encode() in id_frame

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import Span, SpanKind, TokenUsage
+from .backends.base import NULL_SPAN, Span, SpanKind, TokenUsage
 from .masking import MAX_VISIBLE_CHARS, mask
 from .request import RunRequest, last_user_message
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ambient_tracing")
 
+#: Most child spans (tools, steps, reasoning, subagents) recorded per run; the rest are counted in the
+#: turn's ``ambient.spans_not_recorded`` (a vendor SDK keeps every span of an open trace in memory).
+MAX_SPANS_PER_RUN = 1_000
 #: Most characters of assistant text, tool arguments, tool results and reasoning kept per span.
 MAX_TEXT_CHARS = 32_768
 TRUNCATED = "... [truncated]"
@@ -85,6 +88,8 @@ class _Run:
     steps: list[tuple[str, Span]] = field(default_factory=list)
     reasoning: list[_Reasoning] = field(default_factory=list)
     subagents: dict[str, Span] = field(default_factory=dict)
+    spans_left: int = 0
+    spans_dropped: int = 0
     metrics: SessionMetrics | None = None
 
 
@@ -151,6 +156,14 @@ class StreamTracer:
             return subagent
         return run.steps[-1][1] if run.steps else run.turn.span
 
+    def _child(self, run: _Run, parent: Span, name: str, kind: SpanKind, **options: Any) -> Span:
+        """A child span, or a NullSpan past the run's span cap (counted, reported on the turn)."""
+        if run.spans_left <= 0:
+            run.spans_dropped += 1
+            return NULL_SPAN
+        run.spans_left -= 1
+        return parent.start_child(name, kind, **options)
+
     def _record_arguments(self, call: _ToolCall) -> None:
         if not call.arguments_recorded:
             call.arguments_recorded = True
@@ -189,7 +202,9 @@ class StreamTracer:
                     model=entry.model, usage=(entry,)
                 )
             usage = ()
-        attributes = {"ambient.outcome": outcome} if outcome else None
+        attributes: dict[str, Any] = {"ambient.outcome": outcome} if outcome else {}
+        if run.spans_dropped:
+            attributes["ambient.spans_not_recorded"] = run.spans_dropped
         output = run.text.value()
         turn.span.end(
             output=self._mask(output if output is not None else result),
@@ -221,7 +236,9 @@ class StreamTracer:
         if turn is None:
             return None
         metrics = self._observability.session_metrics(turn.thread_id, request.user_id)
-        self._run = _Run(turn=turn, text=_Text(self._text_limit), metrics=metrics)
+        self._run = _Run(
+            turn=turn, text=_Text(self._text_limit), metrics=metrics, spans_left=MAX_SPANS_PER_RUN
+        )
         self._observability.stream_opened(self)
         return turn.trace_id
 
@@ -266,7 +283,9 @@ class StreamTracer:
         if not call_id or call_id in run.tools:
             self.warn("TOOL_CALL_START without a toolCallId, or for a call already open: %r", call_id)
             return
-        span = self._parent(run, event).start_child(
+        span = self._child(
+            run,
+            self._parent(run, event),
             f"tool_{name}",
             SpanKind.TOOL,
             attributes={
@@ -307,8 +326,12 @@ class StreamTracer:
             content = content[:MAX_TEXT_CHARS] + TRUNCATED
         if call is None:
             self.warn("TOOL_CALL_RESULT for an unknown tool call %r", call_id)
-            span = self._parent(run, event).start_child(
-                "tool_unknown", SpanKind.TOOL, attributes={"gen_ai.tool.call.id": str(call_id)}
+            span = self._child(
+                run,
+                self._parent(run, event),
+                "tool_unknown",
+                SpanKind.TOOL,
+                attributes={"gen_ai.tool.call.id": str(call_id)},
             )
             span.end(output=self._mask(_json_or_text(content)))
             return
@@ -319,7 +342,7 @@ class StreamTracer:
 
     def _on_step_started(self, run: _Run, event: Event) -> None:
         name = _str(event.get("stepName")) or "unnamed"
-        run.steps.append((name, self._parent(run, event).start_child(f"step_{name}", SpanKind.STEP)))
+        run.steps.append((name, self._child(run, self._parent(run, event), f"step_{name}", SpanKind.STEP)))
 
     def _on_step_finished(self, run: _Run, event: Event) -> None:
         steps = run.steps
@@ -332,7 +355,7 @@ class StreamTracer:
 
     def _open_reasoning(self, run: _Run, event: Event, *, implicit: bool) -> _Reasoning:
         reasoning = _Reasoning(
-            span=self._parent(run, event).start_child("reasoning", SpanKind.REASONING),
+            span=self._child(run, self._parent(run, event), "reasoning", SpanKind.REASONING),
             text=_Text(self._text_limit),
             implicit=implicit,
         )
@@ -371,7 +394,9 @@ class StreamTracer:
             return
         name = _str(event.get("name")) or "unnamed"
         parent = run.subagents.get(_id(event, "parentSubagentRunId")) or self._parent(run, {})
-        run.subagents[subagent_id] = parent.start_child(
+        run.subagents[subagent_id] = self._child(
+            run,
+            parent,
             f"subagent_{name}",
             SpanKind.SUBAGENT,
             input=self._mask(event.get("description")),

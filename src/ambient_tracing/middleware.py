@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -212,59 +213,132 @@ class _RunResponder:
                 self._body_size = MAX_REQUEST_BYTES + 1  # not a run: stop copying the request body
                 self._body.clear()
         elif kind == "http.response.body" and self._scanner is not None:
-            body = message.get("body", b"")
-            more_body = message.get("more_body", False)
-            inserted = self._trace(body, more_body)
-            if inserted is not None:
-                message = {**message, "body": inserted}
+            await self._send_traced(message)
+            return
         await self._send(message)
 
-    def _trace(self, body: bytes, more_body: bool) -> bytes | None:
-        """Feed one body chunk to the tracer; the chunk with id frames inserted, or None if unchanged."""
+    async def _send_traced(self, message: Message) -> None:
+        """Forward one body chunk and trace its events after their bytes are out. Only a run's
+        opening waits for tracing: its bytes go out, then the turn opens, then its id frame."""
+        body: bytes = message.get("body", b"")
+        more_body: bool = message.get("more_body", False)
+        if more_body and self._passes_untraced(body):
+            await self._send(message)
+            return
+        try:
+            frames = self._frames(body, more_body)
+        except Exception as exc:  # the app's bytes matter more than the trace
+            self._stop_tracing(exc)
+            await self._send(message)
+            return
+        start = 0
+        later: list[_Frame] = []
+        for frame in frames:
+            if frame.kind != "RUN_STARTED":
+                later.append(frame)
+                continue
+            await self._send_part(body[start : frame.end])
+            start = frame.end
+            self._trace_all(later)
+            later = []
+            trace_id = self._trace(frame)
+            if trace_id is not None:
+                await self._send_part(trace_id_frame(trace_id))
+        await self._send(message if start == 0 else {**message, "body": body[start:]})
+        self._trace_all(later)
+        if not more_body:
+            self._close(None)
+
+    async def _send_part(self, part: bytes) -> None:
+        if part:
+            await self._send({"type": "http.response.body", "body": part, "more_body": True})
+
+    def _passes_untraced(self, body: bytes) -> bool:
+        """One whole ``data:`` frame of a type the tracer does not want now (most text deltas):
+        forwarded without scanning or parsing it. The scanner stays in step: it holds nothing."""
+        tracer = self._tracer
+        scanner = self._scanner
+        if (
+            tracer is None
+            or scanner is None
+            or not scanner.idle
+            or not body.startswith(b'data: {"type":"')
+            or body.find(b"\n") != len(body) - 2
+            or not body.endswith(b"\n\n")
+            or b"\r" in body
+        ):
+            return False
+        end = body.find(b'"', 15)
+        return end > 0 and not tracer.wants(body[15:end].decode("latin-1"))
+
+    def _frames(self, body: bytes, more_body: bool) -> list[_Frame]:
+        """The chunk's complete events, each with its end offset and its type when known."""
         scanner = self._scanner
         assert scanner is not None
-        try:
-            frames = scanner.feed(body)
-            if not more_body:
-                self._finished = True
-                frames += [(len(body), data) for _, data in scanner.finish()]
-            insertions: list[tuple[int, bytes]] = []
-            for offset, data in frames:
-                if data is not None:
-                    trace_id = self._on_data(data)
-                    if trace_id is not None:
-                        insertions.append((offset, trace_id_frame(trace_id)))
-            if not more_body:
-                self._close(None)
-        except Exception as exc:  # the app's bytes matter more than the trace
-            logger.warning("ambient-tracing: stopped tracing this response after an error: %r", exc)
-            self._scanner = None
-            self._close(f"tracing error: {exc!r}")
-            return None
-        return _insert(body, insertions) if insertions else None
+        found = scanner.feed(body)
+        if not more_body:
+            self._finished = True
+            found += [(len(body), data) for _, data in scanner.finish()]
+        frames = []
+        for end, data in found:
+            if data is None:
+                continue
+            kind = _event_type(data)
+            event = None
+            if kind is None:  # not written type-first: parse it now to learn whether it opens a run
+                event = self._parse(data)
+                if event is None:
+                    continue
+                kind = event.get("type")
+            frames.append(_Frame(end, data, kind if isinstance(kind, str) else None, event))
+        return frames
 
-    def _on_data(self, data: bytes) -> str | None:
-        tracer = self._tracer
-        if tracer is None:
-            user_id, user_name = self._middleware._user(self._scope)
-            request = RunRequest.from_body(b"".join(self._body)).with_user(user_id, user_name)
-            self._body.clear()
-            tracer = self._tracer = StreamTracer(self._observability, request)
-        kind = _event_type(data)
-        if kind is not None and not tracer.wants(kind):
-            return None  # most text deltas, once the recorded text is full: not worth parsing
+    def _trace_all(self, frames: list[_Frame]) -> None:
+        for frame in frames:
+            self._trace(frame)
+
+    def _trace(self, frame: _Frame) -> str | None:
+        """Feed one event to the tracer; the trace id to announce when it opened a traced run."""
+        if self._scanner is None:
+            return None  # tracing stopped after an error
         try:
-            event = json.loads(data.decode())
-        except ValueError:
-            tracer.warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
+            tracer = self._ensure_tracer()
+            if frame.kind is not None and not tracer.wants(frame.kind):
+                return None  # most text deltas, once the recorded text is full: not worth parsing
+            event = frame.event if frame.event is not None else self._parse(frame.data)
+        except Exception as exc:
+            self._stop_tracing(exc)
             return None
-        if not isinstance(event, dict):
+        if event is None:
             return None
         try:
             return tracer.on_event(event)
         except Exception as exc:
             tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
             return None
+
+    def _parse(self, data: bytes) -> dict[str, Any] | None:
+        """The event as a dict; None for JSON that is not an object, and for non-JSON (with a warning)."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            self._ensure_tracer().warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
+            return None
+        return event if isinstance(event, dict) else None
+
+    def _ensure_tracer(self) -> StreamTracer:
+        tracer = self._tracer
+        if tracer is None:
+            user_id, user_name = self._middleware._user(self._scope)
+            request = RunRequest.from_body(b"".join(self._body)).with_user(user_id, user_name)
+            self._body.clear()
+            tracer = self._tracer = StreamTracer(self._observability, request)
+        return tracer
+
+    def _stop_tracing(self, exc: Exception) -> None:
+        logger.warning("ambient-tracing: stopped tracing this response after an error: %r", exc)
+        self._scanner = None
+        self._close(f"tracing error: {exc!r}")
 
     def _close(self, error: str | None) -> None:
         if self._tracer is not None:
@@ -275,6 +349,13 @@ class _RunResponder:
             self._tracer = None
 
 
+class _Frame(NamedTuple):
+    end: int  # offset in the chunk just after the frame's blank line
+    data: bytes
+    kind: str | None  # the event's type, when known without parsing
+    event: dict[str, Any] | None  # the parsed event, when it had to be parsed already
+
+
 def _event_type(data: bytes) -> str | None:
     """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it."""
     if data.startswith(b'{"type":'):
@@ -283,13 +364,3 @@ def _event_type(data: bytes) -> str | None:
         if end > 0:
             return data[start:end].decode("latin-1")
     return None
-
-
-def _insert(body: bytes, insertions: list[tuple[int, bytes]]) -> bytes:
-    parts: list[bytes] = []
-    start = 0
-    for offset, frame in insertions:
-        parts += (body[start:offset], frame)
-        start = offset
-    parts.append(body[start:])
-    return b"".join(parts)

@@ -53,6 +53,11 @@ class SseScanner:
         # the LF of that CRLF, so the frame's true end is known only then.
         self._held: list[bytes | None] = []
 
+    @property
+    def idle(self) -> bool:
+        """Whether no partial frame is pending: the next chunk starts a new frame."""
+        return not self._buffer and not self._held and not self._oversized
+
     def feed(self, chunk: bytes) -> list[Frame]:
         if not chunk:
             return []
