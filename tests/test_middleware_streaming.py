@@ -480,3 +480,27 @@ async def test_run_started_goes_out_before_the_turn_opens_and_text_before_it_is_
     id_frame = driven.chunks[1]
     assert driven.chunks == [prefix + started, id_frame, rest, b""]
     assert turn.trace_id.encode() in id_frame
+
+
+async def test_frames_skipped_on_the_hot_path_are_traced_again_in_the_next_run() -> None:
+    from ambient_tracing import Observability, TracingMiddleware
+    from tests.support.asgi_driver import drive, frame, sse_app
+    from tests.support.recording_backend import RecordingBackend
+
+    def text_run(run_id: str, words: list[str]) -> list[bytes]:
+        return [
+            frame({"type": "RUN_STARTED", "threadId": "t", "runId": run_id}),
+            frame({"type": "TEXT_MESSAGE_START", "messageId": run_id, "role": "assistant"}),
+            *[frame({"type": "TEXT_MESSAGE_CONTENT", "messageId": run_id, "delta": w}) for w in words],
+            frame({"type": "TEXT_MESSAGE_END", "messageId": run_id}),
+            frame({"type": "RUN_FINISHED", "threadId": "t", "runId": run_id}),
+        ]
+
+    backend = RecordingBackend()
+    chunks = text_run("r1", ["long words " * 3] * 50) + text_run("r2", ["short"])
+    app = TracingMiddleware(sse_app(chunks), observability=Observability([backend]))  # masking on
+    driven = await drive(app, [b"{}"])
+    first, second = backend.turns
+    assert first.output == "[REDACTED FOR PRIVACY]"  # its text went past the mask's limit
+    assert second.output == "short"
+    assert driven.body.replace(driven.chunks[1], b"").count(b"ambient:trace_id") == 1

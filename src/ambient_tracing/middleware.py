@@ -157,6 +157,7 @@ class _RunResponder:
         "_scanner",
         "_scope",
         "_send",
+        "_skip",
         "_tracer",
     )
 
@@ -179,6 +180,7 @@ class _RunResponder:
         self._tracer: StreamTracer | None = None
         self._finished = False
         self._disconnected = False
+        self._skip: bytes | None = None  # see _passes_untraced
 
     async def run(self) -> None:
         try:
@@ -205,26 +207,61 @@ class _RunResponder:
         return message
 
     async def send(self, message: Message) -> None:
+        skip = self._skip
+        if skip is not None:
+            # The hot path: one more whole frame of a type just found not worth tracing.
+            body = message.get("body", b"")
+            if (
+                body.startswith(skip)
+                and body.endswith(b"\n\n")
+                and body.count(b"\n") == 2
+                and b"\r" not in body
+                and message.get("more_body", False)
+            ):
+                await self._send(message)
+                return
         kind = message["type"]
-        if kind == "http.response.start":
+        if kind == "http.response.body" and self._scanner is not None:
+            if not self._passes_untraced(message):
+                await self._send_traced(message)
+                return
+        elif kind == "http.response.start":
             if _is_event_stream(message):
                 self._scanner = SseScanner()
             else:
                 self._body_size = MAX_REQUEST_BYTES + 1  # not a run: stop copying the request body
                 self._body.clear()
-        elif kind == "http.response.body" and self._scanner is not None:
-            await self._send_traced(message)
-            return
         await self._send(message)
+
+    def _passes_untraced(self, message: Message) -> bool:
+        """One whole ``data:`` frame of a type the tracer does not want now (most text deltas):
+        forwarded without scanning or parsing it. This is the hot path, so it is kept flat."""
+        tracer = self._tracer
+        if tracer is None or not message.get("more_body", False):
+            return False
+        body: bytes = message.get("body", b"")
+        if (
+            body[:15] != b'data: {"type":"'
+            or body.find(b"\n") != len(body) - 2
+            or body[-1:] != b"\n"
+            or b"\r" in body
+            or not self._scanner.idle  # type: ignore[union-attr]
+        ):
+            return False
+        end = body.find(b'"', 15)
+        if end < 0 or tracer.wants(body[15:end].decode("latin-1")):
+            return False
+        # Until the next traced chunk (the only thing that changes the tracer's or scanner's state),
+        # frames of this type pass on the hot path in send().
+        self._skip = body[: end + 1]
+        return True
 
     async def _send_traced(self, message: Message) -> None:
         """Forward one body chunk and trace its events after their bytes are out. Only a run's
         opening waits for tracing: its bytes go out, then the turn opens, then its id frame."""
+        self._skip = None
         body: bytes = message.get("body", b"")
         more_body: bool = message.get("more_body", False)
-        if more_body and self._passes_untraced(body):
-            await self._send(message)
-            return
         try:
             frames = self._frames(body, more_body)
         except Exception as exc:  # the app's bytes matter more than the trace
@@ -252,24 +289,6 @@ class _RunResponder:
     async def _send_part(self, part: bytes) -> None:
         if part:
             await self._send({"type": "http.response.body", "body": part, "more_body": True})
-
-    def _passes_untraced(self, body: bytes) -> bool:
-        """One whole ``data:`` frame of a type the tracer does not want now (most text deltas):
-        forwarded without scanning or parsing it. The scanner stays in step: it holds nothing."""
-        tracer = self._tracer
-        scanner = self._scanner
-        if (
-            tracer is None
-            or scanner is None
-            or not scanner.idle
-            or not body.startswith(b'data: {"type":"')
-            or body.find(b"\n") != len(body) - 2
-            or not body.endswith(b"\n\n")
-            or b"\r" in body
-        ):
-            return False
-        end = body.find(b'"', 15)
-        return end > 0 and not tracer.wants(body[15:end].decode("latin-1"))
 
     def _frames(self, body: bytes, more_body: bool) -> list[_Frame]:
         """The chunk's complete events, each with its end offset and its type when known."""
