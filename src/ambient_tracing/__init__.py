@@ -13,10 +13,11 @@ from .config import LangfuseSettings, MlflowSettings, TracingConfig
 from .core import StreamTracer
 from .feedback import feedback_endpoint
 from .metrics import SessionMetrics
-from .middleware import TRACE_ID_EVENT_NAME, TracingMiddleware
+from .middleware import TracingMiddleware
 from .observability import Observability
 from .pricing import DEFAULT_PRICES, ModelPrice, Pricing
 from .ratings import FeedbackError, Rating, parse_feedback
+from .responder import TRACE_ID_EVENT_NAME
 from .stream import trace_agui_stream, trace_id_event
 from .tool_signals import default_tool_category, tool_failure_reason
 

@@ -13,9 +13,9 @@ from ag_ui.core import BaseEvent, CustomEvent, EventType
 from pydantic import BaseModel
 
 from .core import StreamTracer
-from .middleware import TRACE_ID_EVENT_NAME
 from .observability import Observability
 from .request import RunRequest
+from .responder import TRACE_ID_EVENT_NAME
 
 
 async def trace_agui_stream(

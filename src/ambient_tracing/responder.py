@@ -1,0 +1,296 @@
+"""One AG-UI request's bytes: copy the RunAgentInput the app reads, watch the SSE body it sends.
+
+Every body chunk is forwarded in order and unchanged, and traced only after its bytes are out; the
+one addition is a ``CUSTOM ambient:trace_id`` frame sent right after each run's RUN_STARTED frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .core import StreamTracer
+from .observability import Observability
+from .request import RunRequest
+from .sse import SseScanner
+
+logger = logging.getLogger("ambient_tracing")
+
+TRACE_ID_EVENT_NAME = "ambient:trace_id"
+#: Request bodies larger than this are not kept for tracing (the app still reads all of them).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def trace_id_frame(trace_id: str) -> bytes:
+    """The SSE frame announcing ``trace_id``, as the AG-UI encoder would write it."""
+    payload = {
+        "type": "CUSTOM",
+        "name": TRACE_ID_EVENT_NAME,
+        "value": {"traceId": trace_id},
+        "timestamp": int(time.time() * 1000),
+    }
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def is_event_stream(message: Message) -> bool:
+    if not 200 <= message.get("status", 200) < 300:
+        return False
+    content_type = encoding = b""
+    for name, value in message.get("headers", ()):
+        lowered = name.lower()
+        if lowered == b"content-type":
+            content_type = value.lower()
+        elif lowered == b"content-encoding":
+            encoding = value.lower()
+    return content_type.startswith(b"text/event-stream") and encoding in (b"", b"identity")
+
+
+class RunResponder:
+    """One request: copies the request body, traces the SSE body, passes every byte on."""
+
+    __slots__ = (
+        "_app",
+        "_body",
+        "_body_size",
+        "_disconnected",
+        "_finished",
+        "_observability",
+        "_receive",
+        "_scanner",
+        "_scope",
+        "_send",
+        "_skip",
+        "_tracer",
+        "_user",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        observability: Observability,
+        user: Callable[[Scope], tuple[str | None, str | None]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        self._app = app
+        self._user = user
+        self._observability = observability
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._scanner: SseScanner | None = None
+        self._tracer: StreamTracer | None = None
+        self._finished = False
+        self._disconnected = False
+        self._skip: bytes | None = None  # see _passes_untraced
+
+    async def run(self) -> None:
+        try:
+            await self._app(self._scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            self._close("cancelled: client disconnected")
+            raise
+        except BaseException as exc:
+            self._close(f"{type(exc).__name__}: {exc}")
+            raise
+        if self._scanner is not None and not self._finished:
+            self._close("cancelled: client disconnected" if self._disconnected else "response ended early")
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "http.request":
+            body = message.get("body", b"")
+            self._body_size += len(body)
+            if self._body_size <= MAX_REQUEST_BYTES:
+                self._body.append(body)
+        elif kind == "http.disconnect":
+            self._disconnected = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        skip = self._skip
+        if skip is not None:
+            # The hot path: one more whole frame of a type just found not worth tracing.
+            body = message.get("body", b"")
+            if (
+                body.startswith(skip)
+                and body.endswith(b"\n\n")
+                and body.count(b"\n") == 2
+                and b"\r" not in body
+                and message.get("more_body", False)
+            ):
+                await self._send(message)
+                return
+        kind = message["type"]
+        if kind == "http.response.body" and self._scanner is not None:
+            if not self._passes_untraced(message):
+                await self._send_traced(message)
+                return
+        elif kind == "http.response.start":
+            if is_event_stream(message):
+                self._scanner = SseScanner()
+            else:
+                self._body_size = MAX_REQUEST_BYTES + 1  # not a run: stop copying the request body
+                self._body.clear()
+        await self._send(message)
+
+    def _passes_untraced(self, message: Message) -> bool:
+        """One whole ``data:`` frame of a type the tracer does not want now (most text deltas):
+        forwarded without scanning or parsing it. This is the hot path, so it is kept flat."""
+        tracer = self._tracer
+        if tracer is None or not message.get("more_body", False):
+            return False
+        body: bytes = message.get("body", b"")
+        if (
+            body[:15] != b'data: {"type":"'
+            or body.find(b"\n") != len(body) - 2
+            or body[-1:] != b"\n"
+            or b"\r" in body
+            or not self._scanner.idle  # type: ignore[union-attr]
+        ):
+            return False
+        end = body.find(b'"', 15)
+        if end < 0 or tracer.wants(body[15:end].decode("latin-1")):
+            return False
+        # Until the next traced chunk (the only thing that changes the tracer's or scanner's state),
+        # frames of this type pass on the hot path in send().
+        self._skip = body[: end + 1]
+        return True
+
+    async def _send_traced(self, message: Message) -> None:
+        """Forward one body chunk and trace its events after their bytes are out. Only a run's
+        opening waits for tracing: its bytes go out, then the turn opens, then its id frame."""
+        self._skip = None
+        body: bytes = message.get("body", b"")
+        more_body: bool = message.get("more_body", False)
+        try:
+            frames = self._frames(body, more_body)
+        except Exception as exc:  # the app's bytes matter more than the trace
+            self._stop_tracing(exc)
+            await self._send(message)
+            return
+        start = 0
+        later: list[_Frame] = []
+        for frame in frames:
+            if frame.kind != "RUN_STARTED":
+                later.append(frame)
+                continue
+            await self._send_part(body[start : frame.end])
+            start = frame.end
+            self._trace_all(later)
+            later = []
+            trace_id = self._trace(frame)
+            if trace_id is not None:
+                await self._send_part(trace_id_frame(trace_id))
+        await self._send(message if start == 0 else {**message, "body": body[start:]})
+        self._trace_all(later)
+        if not more_body:
+            self._close(None)
+
+    async def _send_part(self, part: bytes) -> None:
+        if part:
+            await self._send({"type": "http.response.body", "body": part, "more_body": True})
+
+    def _frames(self, body: bytes, more_body: bool) -> list[_Frame]:
+        """The chunk's complete events, each with its end offset and its type when known."""
+        scanner = self._scanner
+        assert scanner is not None
+        found = scanner.feed(body)
+        if not more_body:
+            self._finished = True
+            found += [(len(body), data) for _, data in scanner.finish()]
+        frames = []
+        for end, data in found:
+            if data is None:
+                continue
+            kind = _event_type(data)
+            event = None
+            if kind is None:  # not written type-first: parse it now to learn whether it opens a run
+                event = self._parse(data)
+                if event is None:
+                    continue
+                kind = event.get("type")
+            frames.append(_Frame(end, data, kind if isinstance(kind, str) else None, event))
+        return frames
+
+    def _trace_all(self, frames: list[_Frame]) -> None:
+        for frame in frames:
+            self._trace(frame)
+
+    def _trace(self, frame: _Frame) -> str | None:
+        """Feed one event to the tracer; the trace id to announce when it opened a traced run."""
+        if self._scanner is None:
+            return None  # tracing stopped after an error
+        try:
+            tracer = self._ensure_tracer()
+            if frame.kind is not None and not tracer.wants(frame.kind):
+                return None  # most text deltas, once the recorded text is full: not worth parsing
+            event = frame.event if frame.event is not None else self._parse(frame.data)
+        except Exception as exc:
+            self._stop_tracing(exc)
+            return None
+        if event is None:
+            return None
+        try:
+            return tracer.on_event(event)
+        except Exception as exc:
+            tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
+            return None
+
+    def _parse(self, data: bytes) -> dict[str, Any] | None:
+        """The event as a dict; None for JSON that is not an object, and for non-JSON (with a warning)."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            self._ensure_tracer().warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
+            return None
+        return event if isinstance(event, dict) else None
+
+    def _ensure_tracer(self) -> StreamTracer:
+        tracer = self._tracer
+        if tracer is None:
+            user_id, user_name = self._user(self._scope)
+            request = RunRequest.from_body(b"".join(self._body)).with_user(user_id, user_name)
+            self._body.clear()
+            tracer = self._tracer = StreamTracer(self._observability, request)
+        return tracer
+
+    def _stop_tracing(self, exc: Exception) -> None:
+        logger.warning("ambient-tracing: stopped tracing this response after an error: %r", exc)
+        self._scanner = None
+        self._close(f"tracing error: {exc!r}")
+
+    def _close(self, error: str | None) -> None:
+        if self._tracer is not None:
+            try:
+                self._tracer.close(error)
+            except Exception as exc:
+                logger.warning("ambient-tracing: could not end a trace: %r", exc)
+            self._tracer = None
+
+
+class _Frame(NamedTuple):
+    end: int  # offset in the chunk just after the frame's blank line
+    data: bytes
+    kind: str | None  # the event's type, when known without parsing
+    event: dict[str, Any] | None  # the parsed event, when it had to be parsed already
+
+
+def _event_type(data: bytes) -> str | None:
+    """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it."""
+    if data.startswith(b'{"type":'):
+        start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
+        end = data.find(b'"', start) if start else -1
+        if end > 0:
+            return data[start:end].decode("latin-1")
+    return None
