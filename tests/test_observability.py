@@ -189,7 +189,11 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
     assert turn.children[0].input == {"query": "life"} and turn.children[0].output == "42"
     assert turn.ended == 1 and not backend.open_spans()
     assert threads == {"ambient-tracing-spans"}
+    worker_thread = obs._span_worker._thread
+    assert worker_thread is not None
     await obs.aclose()
+    worker_thread.join(5)
+    assert not worker_thread.is_alive()  # aclose ends the worker thread
 
 
 async def test_new_runs_skip_deferred_backends_while_the_worker_is_far_behind() -> None:

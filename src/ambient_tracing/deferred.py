@@ -28,6 +28,7 @@ logger = logging.getLogger("ambient_tracing")
 MAX_BACKLOG = 20_000
 
 Call = Callable[[], None]
+_STOP = threading.Event()  # a sentinel: the worker thread ends when it reaches it
 
 
 class SpanWorker:
@@ -39,6 +40,7 @@ class SpanWorker:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._warned = False
+        self._closed = False
 
     @property
     def overloaded(self) -> bool:
@@ -47,6 +49,9 @@ class SpanWorker:
 
     def submit(self, call: Call) -> None:
         if self._thread is None:
+            if self._closed:
+                self._run(call)  # after close (a run ended by shutdown): nothing else is queued
+                return
             self._start()
         self._queue.put(call)
 
@@ -58,9 +63,19 @@ class SpanWorker:
         self._queue.put(done)
         return done.wait(timeout)
 
+    def close(self, timeout: float) -> bool:
+        """Blocking: run what is queued, then stop the thread; later calls run on the caller's thread."""
+        drained = self.drain(timeout)
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._closed = True
+        if thread is not None:
+            self._queue.put(_STOP)
+        return drained
+
     def _start(self) -> None:
         with self._lock:
-            if self._thread is None:
+            if self._thread is None and not self._closed:
                 thread = threading.Thread(target=self._work, name="ambient-tracing-spans", daemon=True)
                 thread.start()
                 self._thread = thread
@@ -68,6 +83,8 @@ class SpanWorker:
     def _work(self) -> None:
         while True:
             item = self._queue.get()
+            if item is _STOP:
+                return
             if isinstance(item, threading.Event):
                 item.set()
             else:

@@ -247,7 +247,7 @@ class Observability:
             stream.close(error="shutdown before the run finished")
         if self._sessions is not None:
             self._sessions.close()  # Session Metrics spans, before the flush below sends them
-        await self._in_thread(self._span_worker.drain, self.flush_timeout, "span worker drain")
+        await self._in_thread(self._span_worker.close, self.flush_timeout, "span worker")
         await self._in_thread(self.ratings.close, self.flush_timeout, "rating delivery")
         for backend in self.backends:
             await self._in_thread(backend.flush, self.flush_timeout, f"{backend.name} flush")
