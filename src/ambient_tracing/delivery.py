@@ -11,7 +11,6 @@ Several processes may share a spool: each claims the file by renaming it before 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import heapq
 import itertools
 import logging
@@ -21,6 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    from fcntl import LOCK_EX, flock
+except ImportError:  # pragma: no cover - Windows: appends are not locked against other processes
+    flock = None  # type: ignore[assignment]
 
 from .backends.base import RatingRejected, RatingSink, TraceFinder
 from .ratings import Rating
@@ -234,7 +238,8 @@ class RatingDelivery:
             if jobs:
                 spool.parent.mkdir(parents=True, exist_ok=True)
                 with spool.open("a", encoding="utf-8") as file:
-                    fcntl.flock(file, fcntl.LOCK_EX)
+                    if flock is not None:
+                        flock(file, LOCK_EX)
                     file.writelines(job.rating.to_json() + "\n" for job in jobs)
                 logger.warning("ambient-tracing: %d rating(s) spooled to %s", len(jobs), spool)
             if self._closing:

@@ -54,13 +54,15 @@ class TracingMiddleware:
         if self.observability is None:
             self.observability = Observability.from_env()
             self._owns_observability = True
+        if self.feedback_path:
+            self._feedback_endpoint = feedback_endpoint(self.observability, authorize=self.feedback_authorize)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         observability = self.observability
         assert observability is not None
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
-        elif scope["type"] == "http" and self.feedback_path and scope["path"] == self.feedback_path:
+        elif scope["type"] == "http" and self._feedback_endpoint and scope["path"] == self.feedback_path:
             await self._feedback(scope, receive, send)
         elif scope["type"] != "http" or scope["method"] != "POST" or not observability.enabled:
             await self.app(scope, receive, send)
@@ -72,10 +74,7 @@ class TracingMiddleware:
             response: Response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "POST"})
         else:
             assert self.observability is not None
-            if self._feedback_endpoint is None:
-                self._feedback_endpoint = feedback_endpoint(
-                    self.observability, authorize=self.feedback_authorize
-                )
+            assert self._feedback_endpoint is not None
             response = await self._feedback_endpoint(Request(scope, receive))
         await response(scope, receive, send)
 

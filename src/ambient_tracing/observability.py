@@ -294,6 +294,7 @@ class Observability:
         spans: list[Span] = []
         trace_id: str | None = None
         overloaded = self._span_worker.overloaded
+        deferred_spans: list[Span] = []
         for backend in self.backends:
             deferred = getattr(backend, "defer_spans", False)
             if deferred and overloaded:
@@ -305,13 +306,18 @@ class Observability:
                 logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
                 continue
             if span is not None:
-                spans.append(DeferredSpan(self._span_worker, span.trace_id, span) if deferred else span)
+                (deferred_spans if deferred else spans).append(span)
                 trace_id = trace_id or span.trace_id
         if trace_id is None:
             return None
         if thread_id:
             self._threads.turn_started(thread_id, trace_id)
-        return Turn(span=FanoutSpan(spans, trace_id), trace_id=trace_id, thread_id=thread_id)
+        if deferred_spans:
+            # One queued call per operation for all vendor backends; the worker fans it out.
+            spans.append(DeferredSpan(self._span_worker, trace_id, FanoutSpan(deferred_spans, trace_id)))
+        only_deferred = len(spans) == 1 and isinstance(spans[0], DeferredSpan)
+        span = spans[0] if only_deferred else FanoutSpan(spans, trace_id)
+        return Turn(span=span, trace_id=trace_id, thread_id=thread_id)
 
     def turn_ended(self, turn: Turn) -> None:
         if turn.thread_id:

@@ -122,13 +122,7 @@ class RunResponder:
         if skip is not None:
             # The hot path: one more whole frame of a type just found not worth tracing.
             body = message.get("body", b"")
-            if (
-                body.startswith(skip)
-                and body.endswith(b"\n\n")
-                and body.count(b"\n") == 2
-                and b"\r" not in body
-                and message.get("more_body", False)
-            ):
+            if body.startswith(skip) and _one_data_line(body) and message.get("more_body", False):
                 await self._send(message)
                 return
         kind = message["type"]
@@ -151,12 +145,12 @@ class RunResponder:
         if tracer is None or not message.get("more_body", False):
             return False
         body: bytes = message.get("body", b"")
+        scanner = self._scanner
         if (
-            body[:15] != b'data: {"type":"'
-            or body.find(b"\n") != len(body) - 2
-            or body[-1:] != b"\n"
-            or b"\r" in body
-            or not self._scanner.idle  # type: ignore[union-attr]
+            not body.startswith(b'data: {"type":"')
+            or not _one_data_line(body)
+            or scanner is None
+            or not scanner.idle
         ):
             return False
         end = body.find(b'"', 15)
@@ -277,6 +271,11 @@ class RunResponder:
             except Exception as exc:
                 logger.warning("ambient-tracing: could not end a trace: %r", exc)
             self._tracer = None
+
+
+def _one_data_line(body: bytes) -> bool:
+    """A whole frame of one LF-ended line (``data: ...\\n\\n``): nothing left over for the scanner."""
+    return body.endswith(b"\n\n") and body.count(b"\n") == 2 and b"\r" not in body
 
 
 class _Frame(NamedTuple):

@@ -15,6 +15,7 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
+from functools import cached_property
 from typing import Any
 
 try:
@@ -85,7 +86,7 @@ class MlflowBackend:
         """The experiment's id once :meth:`setup` has resolved it."""
         return self._experiment_id
 
-    @property
+    @cached_property
     def client(self) -> MlflowClient:
         """A client of the same tracking store (blocking calls: use it from a worker thread)."""
         return MlflowClient(tracking_uri=self.tracking_uri)
