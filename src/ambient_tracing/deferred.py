@@ -4,7 +4,10 @@ A vendor SDK spends 0.1-0.3 ms of CPU per span call (attribute encoding, process
 in-memory trace): on the event loop that is 5-10 us per AG-UI event at one tool call per 50 events.
 A :class:`DeferredSpan` records each call with the time it happened and hands it to one worker
 thread, which replays the calls in order with those times (``start_time_ns`` / ``end_time_ns``),
-so the spans are the same, just built a moment later.
+so the spans are the same, just built a moment later. Opening the turn is queued too
+(:func:`open_deferred_turn`): the package chose the trace id, so nothing on the event loop waits on
+an SDK. A hanging SDK call holds up only this thread; the loop keeps streaming, and once the backlog
+passes :data:`MAX_BACKLOG` new runs skip the deferred backends until it drains.
 
 Calls are never dropped or reordered (a lost ``end`` would leave a span open in the SDK). Instead,
 while the worker is more than :data:`MAX_BACKLOG` calls behind, new runs are not traced in the
@@ -21,7 +24,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .backends.base import Span, SpanKind, TokenUsage
+from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
+from .fanout import FanoutSpan
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -161,3 +165,27 @@ class DeferredSpan:
                 )
 
         self._worker.submit(end)
+
+
+def open_deferred_turn(
+    worker: SpanWorker, backends: Sequence[TracingBackend], turn: TurnStart
+) -> DeferredSpan:
+    """The turn's root in ``backends``, opened on the worker under ``turn.trace_id`` (already set)."""
+    assert turn.trace_id is not None
+    root = DeferredSpan(worker, turn.trace_id)
+
+    def start() -> None:
+        spans = [span for backend in backends if (span := _start_turn(backend, turn)) is not None]
+        if spans:
+            root._span = FanoutSpan(spans, root.trace_id)
+
+    worker.submit(start)
+    return root
+
+
+def _start_turn(backend: TracingBackend, turn: TurnStart) -> Span | None:
+    try:
+        return backend.start_turn(turn)
+    except Exception as exc:  # a backend must never break the app
+        logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
+        return None

@@ -7,15 +7,16 @@ import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import RatingSink, Span, TraceFinder, TracingBackend, TurnStart
 from .config import DEFAULT_RUNNER_TYPE, TracingConfig, default_spool_path
-from .deferred import DeferredSpan, SpanWorker
+from .deferred import SpanWorker, open_deferred_turn
 from .delivery import DEFAULT_RETRY_SECONDS, RatingDelivery
 from .fanout import FanoutSpan
+from .ids import new_trace_id, parse_trace_id
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
 from .pricing import ModelPrice, Pricing
 from .ratings import Rating
@@ -46,6 +47,18 @@ def _try_setup(backend: TracingBackend, *, first: bool) -> bool:
     if not first:
         logger.info("ambient-tracing: %s is set up after a retry; its runs are traced again", backend.name)
     return True
+
+
+def _accepts(backend: TracingBackend, trace_id: str) -> bool:
+    """Whether a deferred backend will record a run with this id (no SDK call; see base.py)."""
+    accepts = getattr(backend, "accepts", None)
+    if accepts is None:
+        return True
+    try:
+        return bool(accepts(trace_id))
+    except Exception as exc:
+        logger.warning("ambient-tracing: %s could not tell whether it records a run: %r", backend.name, exc)
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +97,7 @@ class Observability:
         feedback_spool: Path | None = None,
         feedback_retry_seconds: float = DEFAULT_RETRY_SECONDS,
     ) -> None:
-        # MLflow cannot take a trace id from outside, so it starts first and the others adopt its id.
-        self.backends: tuple[TracingBackend, ...] = tuple(
-            sorted(backends, key=lambda backend: backend.name != "mlflow")
-        )
+        self.backends: tuple[TracingBackend, ...] = tuple(backends)
         self.runner_type = runner_type
         self.mask_messages = mask_messages
         self.flush_timeout = flush_timeout
@@ -183,7 +193,7 @@ class Observability:
     # -- trace ids ---------------------------------------------------------------------------------
 
     def current_trace_id(self, thread_id: str) -> str | None:
-        """The id of the thread's open turn (the Langfuse turn, or the MLflow one when Langfuse is off)."""
+        """The id of the thread's open turn (the same in every backend)."""
         return self._threads.current(thread_id)
 
     def last_trace_id(self, thread_id: str) -> str | None:
@@ -277,10 +287,17 @@ class Observability:
         user_id: str | None,
         user_name: str | None,
         input: Any,
+        trace_id: str | None = None,
     ) -> Turn | None:
-        """Start the run's turn in every backend under one trace id; None when no backend records it."""
+        """Start the run's turn in every backend under one trace id; None when no backend records it.
+
+        The id is ``trace_id`` when it is valid (32 hex or a W3C traceparent: a caller-chosen id),
+        else a new random one. Vendor backends open the turn on the span worker, so no SDK call
+        happens here: the id is announced when one of them :meth:`accepts <TracingBackend>` it.
+        """
         if self._setup is None:
             self._begin_setup()
+        chosen = parse_trace_id(trace_id) or new_trace_id()
         turn = TurnStart(
             thread_id=thread_id,
             run_id=run_id,
@@ -289,35 +306,35 @@ class Observability:
             runner_type=self.runner_type,
             turn_number=self._threads.next_turn_number(thread_id) if thread_id else 1,
             input=input,
+            trace_id=chosen,
             attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
         )
         spans: list[Span] = []
-        trace_id: str | None = None
         overloaded = self._span_worker.overloaded
-        deferred_spans: list[Span] = []
+        deferred: list[TracingBackend] = []
         for backend in self.backends:
-            deferred = getattr(backend, "defer_spans", False)
-            if deferred and overloaded:
-                logger.warning("ambient-tracing: span worker behind; %s skips this run", backend.name)
+            if getattr(backend, "defer_spans", False):
+                if overloaded:
+                    logger.warning("ambient-tracing: span worker behind; %s skips this run", backend.name)
+                elif _accepts(backend, chosen):
+                    deferred.append(backend)
                 continue
-            try:
-                span = backend.start_turn(turn if trace_id is None else replace(turn, trace_id=trace_id))
+            try:  # an in-process backend without SDK calls: opened here
+                span = backend.start_turn(turn)
             except Exception as exc:
                 logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
                 continue
             if span is not None:
-                (deferred_spans if deferred else spans).append(span)
-                trace_id = trace_id or span.trace_id
-        if trace_id is None:
+                spans.append(span)
+        if deferred:
+            # One queued call per operation for all vendor backends; the worker fans it out.
+            spans.append(open_deferred_turn(self._span_worker, deferred, turn))
+        if not spans:
             return None
         if thread_id:
-            self._threads.turn_started(thread_id, trace_id)
-        if deferred_spans:
-            # One queued call per operation for all vendor backends; the worker fans it out.
-            spans.append(DeferredSpan(self._span_worker, trace_id, FanoutSpan(deferred_spans, trace_id)))
-        only_deferred = len(spans) == 1 and isinstance(spans[0], DeferredSpan)
-        span = spans[0] if only_deferred else FanoutSpan(spans, trace_id)
-        return Turn(span=span, trace_id=trace_id, thread_id=thread_id)
+            self._threads.turn_started(thread_id, chosen)
+        span = spans[0] if len(spans) == 1 else FanoutSpan(spans, chosen)
+        return Turn(span=span, trace_id=chosen, thread_id=thread_id)
 
     def turn_ended(self, turn: Turn) -> None:
         if turn.thread_id:

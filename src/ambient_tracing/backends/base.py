@@ -53,8 +53,8 @@ class TurnStart:
     runner_type: str
     turn_number: int
     input: Any
-    # 32 lowercase hex chars chosen by a backend that started earlier, so every backend records
-    # the run under one id. None: this backend picks the id.
+    # 32 lowercase hex chars chosen by the package (see ids.py): every backend records the run under
+    # this id. None only when a backend is called directly, without Observability: it picks one.
     trace_id: str | None = None
     attributes: Mapping[str, Any] | None = None
 
@@ -118,7 +118,13 @@ NULL_SPAN: Span = NullSpan()
 
 @runtime_checkable
 class TracingBackend(Protocol):
-    """One vendor. ``start_turn`` returns None when the run is not recorded (sampled out, not ready)."""
+    """One vendor. ``start_turn`` returns None when the run is not recorded (sampled out, not ready).
+
+    A backend with ``defer_spans = True`` has every call, ``start_turn`` included, run on the span
+    worker thread (see deferred.py), never on the event loop. Such a backend may also have
+    ``accepts(trace_id) -> bool``: a cheap check without SDK calls, run on the event loop, whether a
+    run with this id will be recorded (set up, sampled in); the id is announced only if one accepts.
+    """
 
     name: str
 

@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the Langfuse backend needs the langfuse SDK: pip install 'ambient-tracing[langfuse]'"
     ) from exc
 
+from ..ids import sampled
 from ..ratings import Rating
 from .base import Span, SpanKind, TokenUsage, TurnStart
 from .langfuse_scores import ScoreApi
@@ -92,10 +93,12 @@ class LangfuseBackend:
         self._flush_timeout = flush_timeout
         self._provider: TracerProvider | None = None
         self._closed = False
+        self._sample_rate = 1.0  # with an app's own client: its sampler is unknown, trust start_turn
         if client is None:
             rate = 1.0 if sample_rate is None else sample_rate
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"sample_rate must be between 0.0 and 1.0, got {rate}")
+            self._sample_rate = rate
             self._provider = TracerProvider(
                 sampler=TraceIdRatioBased(rate) if rate < 1.0 else ALWAYS_ON,
                 resource=Resource.create({"langfuse.environment": environment} if environment else {}),
@@ -128,8 +131,13 @@ class LangfuseBackend:
     def setup(self) -> None:
         """Nothing to prepare: the client connects lazily from its export threads."""
 
+    def accepts(self, trace_id: str) -> bool:
+        """Event loop, no SDK call: whether the sampler (ratio by trace id) keeps this run."""
+        return not self._closed and sampled(trace_id, self._sample_rate)
+
     def start_turn(self, turn: TurnStart) -> Span | None:
-        """Open the turn's root; None when the SDK does not record it (sampled out, disabled)."""
+        """Open the turn's root under ``turn.trace_id``; None when the SDK does not record it (sampled
+        out, disabled). The package runs it on its span worker thread."""
         try:
             props = _propagated(turn)
             context: TraceContext | None = None

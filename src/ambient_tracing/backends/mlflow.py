@@ -5,27 +5,33 @@ experiment is resolved once in :meth:`MlflowBackend.setup` (a worker thread). Ex
 asynchronous queue: nothing here waits on the network except ``flush``/``shutdown``.
 
 MLflow tracing is process-wide (one tracking URI, one exporter): create one ``MlflowBackend`` per
-process. The trace id of a turn is MLflow's ``tr-<32 hex>``; this backend reports the bare 32 hex so
-the other backends record the run under the same id.
+process. The trace id of a turn is chosen by the package (``TurnStart.trace_id``, 32 hex) and
+becomes MLflow's ``tr-<32 hex>``: MLflow's tracer is an OpenTelemetry tracer, and
+:class:`_ChosenTraceIds` (an OpenTelemetry ``IdGenerator`` wrapped around MLflow's own) hands it the id.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from functools import cached_property
 from typing import Any
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+
 try:
     import mlflow
+    import mlflow.tracing.provider as mlflow_provider
     from mlflow import MlflowClient
     from mlflow.entities import AssessmentSource, LiveSpan, SpanStatus, SpanStatusCode, SpanType
     from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
 
+from ..ids import new_trace_id, sampled
 from ..ratings import Rating
 from .base import NULL_SPAN, Span, SpanKind, TokenUsage, TurnStart
 
@@ -79,6 +85,7 @@ class MlflowBackend:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self._experiment_id: str | None = None
+        self._sampling_ratio = 1.0
         self._lock = threading.Lock()
 
     @property
@@ -108,16 +115,20 @@ class MlflowBackend:
             # The first span of a process builds MLflow's tracer provider (~0.1 s): do it here, not
             # on the event loop. A span that is never ended is never exported.
             mlflow.start_span_no_context("ambient-tracing-warmup", experiment_id=experiment_id)
+            self._sampling_ratio = _sampling_ratio()
             self._experiment_id = experiment_id
 
+    def accepts(self, trace_id: str) -> bool:
+        """Event loop, no SDK call: set up, and sampled in by ``MLFLOW_TRACE_SAMPLING_RATIO``."""
+        return self._experiment_id is not None and sampled(trace_id, self._sampling_ratio)
+
     def start_turn(self, turn: TurnStart) -> Span | None:
-        """Open the turn's root span; None before setup or when MLflow does not record the run."""
+        """Open the turn's root span under ``turn.trace_id``; None before setup or when MLflow does
+        not record the run. Blocking SDK work: the package runs it on its span worker thread."""
         experiment_id = self._experiment_id
         if experiment_id is None:
             return None
-        if turn.trace_id is not None:
-            # MLflow picks its own ids; it starts first so that the other backends adopt its id.
-            logger.debug("ambient-tracing: MLflow cannot adopt trace id %s", turn.trace_id)
+        trace_id = turn.trace_id or new_trace_id()
         tags = {"ambient.thread_id": turn.thread_id, "ambient.run_id": turn.run_id}
         metadata = {TraceMetadataKey.TRACE_SESSION: turn.thread_id, TraceMetadataKey.TRACE_USER: turn.user_id}
         attributes = {
@@ -129,21 +140,26 @@ class MlflowBackend:
             "ambient.turn": turn.turn_number,
         }
         try:
-            span = mlflow.start_span_no_context(
-                ROOT_NAME,
-                span_type=SpanType.AGENT,
-                inputs=turn.input,
-                attributes=_present(attributes),
-                tags=_present(tags),
-                metadata=_present(metadata),
-                experiment_id=experiment_id,
-            )
+            with _ChosenTraceIds.next(trace_id):
+                span = mlflow.start_span_no_context(
+                    ROOT_NAME,
+                    span_type=SpanType.AGENT,
+                    inputs=turn.input,
+                    attributes=_present(attributes),
+                    tags=_present(tags),
+                    metadata=_present(metadata),
+                    experiment_id=experiment_id,
+                )
         except Exception:
             logger.warning("ambient-tracing: MLflow could not start a turn", exc_info=True)
             return None
-        if not isinstance(span, LiveSpan) or not span.trace_id.startswith(TRACE_ID_PREFIX):
+        if not isinstance(span, LiveSpan) or span.trace_id != TRACE_ID_PREFIX + trace_id:
+            if isinstance(span, LiveSpan):  # MLflow did not take the id: never record a second one
+                logger.warning("ambient-tracing: MLflow did not adopt trace id %s", trace_id)
+                with suppress(Exception):
+                    span.end(status="ERROR")
             return None  # a NoOpSpan (tracing disabled, sampled out): its id must never reach a client
-        return _MlflowSpan(span, span.trace_id.removeprefix(TRACE_ID_PREFIX))
+        return _MlflowSpan(span, trace_id)
 
     def record_span(
         self,
@@ -333,6 +349,54 @@ class _MlflowSpan:
             logger.warning(
                 "ambient-tracing: MLflow could not %s span %r", what, self._span.name, exc_info=True
             )
+
+
+class _ChosenTraceIds(IdGenerator):
+    """MLflow's OpenTelemetry id generator, except that a root opened inside :meth:`next` on this
+    thread gets the package's id. Installed on MLflow's tracer provider on first use (and again
+    after ``mlflow.tracing.reset()`` builds a new provider)."""
+
+    _pending = threading.local()
+
+    def __init__(self, inner: IdGenerator) -> None:
+        self._inner = inner
+
+    @classmethod
+    @contextmanager
+    def next(cls, trace_id: str) -> Iterator[None]:
+        provider = mlflow_provider.provider.get()
+        if isinstance(provider, TracerProvider) and not isinstance(provider.id_generator, cls):
+            chosen = cls(provider.id_generator)
+            provider.id_generator = chosen  # type: ignore[assignment]  # tracers made from now on use it
+            for tracer in list(getattr(provider, "_tracers", {}).values()):  # the SDK caches tracers
+                if hasattr(tracer, "id_generator"):
+                    tracer.id_generator = chosen
+        cls._pending.trace_id = int(trace_id, 16)
+        try:
+            yield
+        finally:
+            cls._pending.trace_id = None
+
+    def generate_span_id(self) -> int:
+        return self._inner.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        trace_id: int | None = getattr(self._pending, "trace_id", None)
+        if trace_id is None:
+            return self._inner.generate_trace_id()
+        self._pending.trace_id = None  # one root per call
+        return trace_id
+
+
+def _sampling_ratio() -> float:
+    """MLflow's ``MLFLOW_TRACE_SAMPLING_RATIO`` (its sampler is OpenTelemetry's ratio by trace id)."""
+    try:
+        from mlflow.environment_variables import MLFLOW_TRACE_SAMPLING_RATIO
+
+        ratio = MLFLOW_TRACE_SAMPLING_RATIO.get()  # type: ignore[no-untyped-call]
+        return 1.0 if ratio is None else float(ratio)
+    except Exception:
+        return 1.0
 
 
 def _earlier_assessment(assessments: Sequence[Any], rating: Rating) -> Any:
