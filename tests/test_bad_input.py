@@ -280,7 +280,8 @@ async def test_stream_ending_without_run_finished(pair: Pair, caplog: pytest.Log
     assert turn.error == "stream ended before RUN_FINISHED" and turn.output == "partial"
     tool = turn.find("tool_search")
     assert tool.input == {"q": 1} and tool.error == "run ended: stream ended before RUN_FINISHED"
-    assert tool.parent is turn.find("step_plan")
+    assert tool.parent is turn and tool.attributes["ambient.step"] == "plan"
+    assert turn.find("step_plan").error == "run ended: stream ended before RUN_FINISHED"
     assert pair.obs.current_trace_id("t-unfinished") is None
     assert pair.obs.last_trace_id("t-unfinished") == turn.trace_id
 
@@ -499,7 +500,7 @@ async def test_a_raising_backend_beside_a_working_one(caplog: pytest.LogCaptureF
         assert turn.trace_id != RaisingSpan.trace_id and len(turn.trace_id) == 32
         assert turn.output == "done" and turn.error is None
         tool = turn.find("tool_search")
-        assert tool.output == "ok" and tool.parent is turn.find("step_plan")
+        assert tool.output == "ok" and tool.parent is turn and tool.attributes["ambient.step"] == "plan"
 
 
 async def test_only_a_raising_backend(caplog: pytest.LogCaptureFixture) -> None:

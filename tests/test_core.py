@@ -151,7 +151,7 @@ def test_usage_of_several_models_becomes_one_generation_per_model() -> None:
     assert turn.usage == () and turn.model is None
 
 
-def test_steps_reasoning_and_subagents_nest() -> None:
+def test_steps_and_subagents_nest_and_tools_hang_off_the_turn_or_their_subagent() -> None:
     backend, _, _ = trace(
         run(
             {"type": "STEP_STARTED", "stepName": "plan"},
@@ -177,8 +177,11 @@ def test_steps_reasoning_and_subagents_nest() -> None:
     turn = only_turn(backend)
     step = turn.find("step_plan")
     assert step.parent is turn and step.kind is SpanKind.STEP
-    assert [child.name for child in step.children] == ["reasoning", "tool_Grep"]
-    assert step.find("reasoning").output == "thinking"
+    assert step.children == []
+    reasoning, tool = turn.find("reasoning"), turn.find("tool_Grep")
+    assert reasoning.parent is turn and tool.parent is turn
+    assert reasoning.attributes["ambient.step"] == tool.attributes["ambient.step"] == "plan"
+    assert reasoning.output == "thinking"
     subagent = turn.find("subagent_researcher")
     assert subagent.kind is SpanKind.SUBAGENT and subagent.output == "found"
     assert [child.name for child in subagent.children] == ["tool_Web"]

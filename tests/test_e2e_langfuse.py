@@ -50,7 +50,8 @@ async def test_a_run_becomes_a_langfuse_trace_under_the_id_the_stream_announces(
     assert root.metadata("gen_ai.conversation.id") == "thread-1"
     assert json.loads(tool.attributes["langfuse.observation.input"]) == {"query": "life"}
     assert tool.attributes["langfuse.observation.output"] == "42"
-    assert tool.attributes["langfuse.observation.type"] == "tool"
+    assert tool.attributes["langfuse.observation.type"] == "span"  # the origin runner's type
+    assert tool.metadata("tool_name") == "search" and tool.metadata("is_error") in (False, "false")
     assert obs.last_trace_id("thread-1") == trace_id
     await obs.aclose()
 

@@ -105,7 +105,7 @@ def test_turn_with_tool_child(langfuse_backend: Any, langfuse_receiver: Langfuse
     assert turn.trace_id == tool_span.trace_id == root.trace_id
     assert tool_span.parent_span_id == turn.span_id
     assert turn.attributes["langfuse.observation.type"] == "generation"
-    assert tool_span.attributes["langfuse.observation.type"] == "tool"
+    assert tool_span.attributes["langfuse.observation.type"] == "span"  # the origin runner's type
     assert json_attr(turn, "langfuse.observation.input") == make_turn().input
     assert json_attr(turn, "langfuse.observation.output") == {"text": "the answer"}
     assert json_attr(tool_span, "langfuse.observation.input") == {"file_path": "/etc/hosts"}

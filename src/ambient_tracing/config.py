@@ -99,7 +99,10 @@ def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
 
 
 def _is_http_url(value: str) -> bool:
-    parsed = urlparse(value)
+    try:
+        parsed = urlparse(value)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
     return parsed.scheme in ("http", "https") and bool(parsed.netloc)
 
 
@@ -140,7 +143,10 @@ def _mlflow_settings(env: Mapping[str, str]) -> MlflowSettings | None:
     if not uri:
         logger.warning("ambient-tracing: MLflow tracing is off: MLFLOW_TRACKING_URI not set")
         return None
-    scheme = urlparse(uri).scheme
+    try:
+        scheme = urlparse(uri).scheme
+    except ValueError:
+        scheme = "?"
     if scheme not in ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", ""):
         logger.warning(
             "ambient-tracing: MLflow tracing is off: MLFLOW_TRACKING_URI=%r has an unknown scheme", uri

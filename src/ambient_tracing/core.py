@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .backends.base import NULL_SPAN, Span, SpanKind, TokenUsage
 from .masking import MAX_VISIBLE_CHARS, mask
 from .request import RunRequest, last_user_message
+from .tool_signals import failure_reason, tool_failure_reason
 
 if TYPE_CHECKING:
     from .metrics import SessionMetrics
@@ -65,11 +66,57 @@ class _Text:
         return text + TRUNCATED if self.truncated else text
 
 
+class _Node:
+    """A child span that ends only after its own children, so no span outlives its parent whatever
+    the order of events (a producer may close a step or subagent before something opened inside it
+    has ended): the parent's end waits for its last open child and happens then."""
+
+    __slots__ = ("_ending", "_open", "_parent", "_span")
+
+    def __init__(self, span: Span, parent: _Node | None) -> None:
+        self._span = span
+        self._parent = parent
+        self._open = 0
+        self._ending: dict[str, Any] | None = None  # the end waiting for open children
+        if parent is not None:
+            parent._open += 1
+
+    @property
+    def trace_id(self) -> str:
+        return self._span.trace_id
+
+    def start_child(self, name: str, kind: SpanKind, **options: Any) -> _Node:
+        return _Node(self._span.start_child(name, kind, **options), self)
+
+    def set_input(self, input: Any) -> None:
+        self._span.set_input(input)
+
+    def end(self, **options: Any) -> None:
+        if self._open:
+            self._ending = options
+        else:
+            self._finish(options)
+
+    def _finish(self, options: dict[str, Any]) -> None:
+        self._span.end(**options)
+        parent, self._parent = self._parent, None  # ended once: a second end does not count twice
+        if parent is not None:
+            parent._child_ended()
+
+    def _child_ended(self) -> None:
+        self._open -= 1
+        if not self._open and self._ending is not None:
+            options, self._ending = self._ending, None
+            self._finish(options)
+
+
 @dataclass(slots=True)
 class _ToolCall:
     span: Span
     arguments: _Text
     arguments_recorded: bool = False
+    #: Why it failed, when TOOL_CALL_END said so (the origin runner's Claude adapter does).
+    failure: str | None = None
 
 
 @dataclass(slots=True)
@@ -82,6 +129,7 @@ class _Reasoning:
 @dataclass(slots=True)
 class _Run:
     turn: Turn
+    root: _Node
     text: _Text
     other_role_messages: set[str] = field(default_factory=set)
     tools: dict[str, _ToolCall] = field(default_factory=dict)
@@ -151,10 +199,22 @@ class StreamTracer:
         return mask(value) if self._observability.mask_messages else value
 
     def _parent(self, run: _Run, event: Event) -> Span:
+        """Where a step or subagent nests: its subagent, else the innermost open step, else the turn."""
         subagent = run.subagents.get(_id(event, "subagentRunId"))
         if subagent is not None:
             return subagent
-        return run.steps[-1][1] if run.steps else run.turn.span
+        return run.steps[-1][1] if run.steps else run.root
+
+    def _owner(self, run: _Run, event: Event) -> Span:
+        """Where a tool call or reasoning nests: its subagent, else the turn, never a step. Producers
+        close steps before the calls made in them end (LangGraph's ``agent`` step ends before the
+        result arrives in its ``tools`` step); nested under the step, the step would have to be
+        stretched to cover the call. The step open at the start is kept as ``ambient.step``."""
+        return run.subagents.get(_id(event, "subagentRunId")) or run.root
+
+    @staticmethod
+    def _step_attribute(run: _Run) -> dict[str, str]:
+        return {"ambient.step": run.steps[-1][0]} if run.steps else {}
 
     def _child(self, run: _Run, parent: Span, name: str, kind: SpanKind, **options: Any) -> Span:
         """A child span, or a NullSpan past the run's span cap (counted, reported on the turn)."""
@@ -186,7 +246,10 @@ class StreamTracer:
         child_error = f"run ended: {error}" if error else None
         for call in run.tools.values():
             self._record_arguments(call)
-            call.span.end(error=child_error, attributes={"ambient.tool_result": "none"})
+            failure = call.failure or child_error
+            call.span.end(
+                error=failure, attributes={"ambient.tool_result": "none", "is_error": failure is not None}
+            )
         for reasoning in reversed(run.reasoning):
             reasoning.span.end(output=self._mask(reasoning.text.value()), error=child_error)
         for _, step in reversed(run.steps):
@@ -237,7 +300,11 @@ class StreamTracer:
             return None
         metrics = self._observability.session_metrics(turn.thread_id, request.user_id)
         self._run = _Run(
-            turn=turn, text=_Text(self._text_limit), metrics=metrics, spans_left=MAX_SPANS_PER_RUN
+            turn=turn,
+            root=_Node(turn.span, None),
+            text=_Text(self._text_limit),
+            metrics=metrics,
+            spans_left=MAX_SPANS_PER_RUN,
         )
         self._observability.stream_opened(self)
         return turn.trace_id
@@ -247,9 +314,35 @@ class StreamTracer:
         if run.metrics is not None:
             run.metrics.run_finished(outcome)
         self._end_run(
-            usage=_usage(event.get("usage")),
-            outcome=outcome.get("type") if isinstance(outcome, Mapping) else None,
+            usage=_usage(event.get("usage")) or self._result_usage(run, event.get("result")),
+            # AG-UI 1.0: a RUN_FINISHED without an outcome is a success (most producers send none).
+            outcome=(_str(outcome.get("type")) if isinstance(outcome, Mapping) else None) or "success",
             result=event.get("result"),
+        )
+
+    def _result_usage(self, run: _Run, result: Any) -> tuple[TokenUsage, ...]:
+        """Usage in ``RUN_FINISHED.result.usage``, as the origin runner's Claude adapter reports it:
+        Anthropic's counts (``input_tokens`` without the cache counts), possibly cumulative over the
+        thread, so only what is new since the thread's last report counts (as the origin counted)."""
+        if not isinstance(result, Mapping):
+            return ()
+        raw = _as_mapping(result.get("usage"))
+        if raw is None:
+            return ()
+        totals = {key: count for key in _ANTHROPIC_USAGE if (count := _int(raw.get(key))) is not None}
+        if not totals:
+            return ()
+        new = self._observability.usage_delta(run.turn.thread_id, totals)
+        cache_read = new.get("cache_read_input_tokens", 0)
+        cache_write = new.get("cache_creation_input_tokens", 0)
+        return (
+            TokenUsage(
+                model=_str(result.get("model")) or _str(raw.get("model")),
+                input_tokens=new.get("input_tokens", 0) + cache_read + cache_write,
+                output_tokens=new.get("output_tokens", 0),
+                cache_read_tokens=cache_read,
+                cache_write_tokens=cache_write,
+            ),
         )
 
     def _on_run_error(self, run: _Run, event: Event) -> None:
@@ -285,13 +378,17 @@ class StreamTracer:
             return
         span = self._child(
             run,
-            self._parent(run, event),
+            self._owner(run, event),
             f"tool_{name}",
             SpanKind.TOOL,
             attributes={
                 "gen_ai.operation.name": "execute_tool",
                 "gen_ai.tool.name": name,
                 "gen_ai.tool.call.id": call_id,
+                # The origin runner's names, which its dashboards read.
+                "tool_name": name,
+                "tool_id": call_id,
+                **self._step_attribute(run),
             },
         )
         run.tools[call_id] = _ToolCall(span=span, arguments=_Text(MAX_TEXT_CHARS))
@@ -307,8 +404,16 @@ class StreamTracer:
 
     def _on_tool_end(self, run: _Run, event: Event) -> None:
         call = run.tools.get(_id(event, "toolCallId"))
-        if call is not None:
-            self._record_arguments(call)
+        if call is None:
+            return
+        self._record_arguments(call)
+        error = event.get("error")
+        if error and call.failure is None:
+            # Not AG-UI 1.0, but what the origin runner's Claude adapter sends for a failed tool; the
+            # span stays open for the TOOL_CALL_RESULT that follows and ends as ERROR then.
+            call.failure = failure_reason(error if error is not True else "error")
+            if run.metrics is not None:
+                run.metrics.tool_result(_id(event, "toolCallId"), call.failure)
 
     def _on_tool_chunk(self, run: _Run, event: Event) -> None:
         if _id(event, "toolCallId") not in run.tools and event.get("toolCallName"):
@@ -319,8 +424,11 @@ class StreamTracer:
     def _on_tool_result(self, run: _Run, event: Event) -> None:
         call_id = _id(event, "toolCallId")
         call = run.tools.pop(call_id, None)
-        if run.metrics is not None:
-            run.metrics.tool_result(call_id, event)
+        failure = tool_failure_reason(event)
+        if run.metrics is not None and (call is None or call.failure is None):
+            run.metrics.tool_result(call_id, failure)
+        if call is not None and call.failure is not None:
+            failure = call.failure
         content = event.get("content")
         if isinstance(content, str) and len(content) > MAX_TEXT_CHARS:
             content = content[:MAX_TEXT_CHARS] + TRUNCATED
@@ -328,15 +436,19 @@ class StreamTracer:
             self.warn("TOOL_CALL_RESULT for an unknown tool call %r", call_id)
             span = self._child(
                 run,
-                self._parent(run, event),
+                self._owner(run, event),
                 "tool_unknown",
                 SpanKind.TOOL,
-                attributes={"gen_ai.tool.call.id": str(call_id)},
+                attributes={"gen_ai.tool.call.id": str(call_id), "tool_id": str(call_id)},
             )
-            span.end(output=self._mask(_json_or_text(content)))
-            return
-        self._record_arguments(call)
-        call.span.end(output=self._mask(_json_or_text(content)))
+        else:
+            self._record_arguments(call)
+            span = call.span
+        span.end(
+            output=self._mask(_json_or_text(content)),
+            error=failure,
+            attributes={"is_error": failure is not None},
+        )
 
     # -- steps, reasoning, subagents ------------------------------------------------------------
 
@@ -355,7 +467,13 @@ class StreamTracer:
 
     def _open_reasoning(self, run: _Run, event: Event, *, implicit: bool) -> _Reasoning:
         reasoning = _Reasoning(
-            span=self._child(run, self._parent(run, event), "reasoning", SpanKind.REASONING),
+            span=self._child(
+                run,
+                self._owner(run, event),
+                "reasoning",
+                SpanKind.REASONING,
+                attributes=self._step_attribute(run),
+            ),
             text=_Text(self._text_limit),
             implicit=implicit,
         )
@@ -489,6 +607,24 @@ def _usage(entries: Any) -> tuple[TokenUsage, ...]:
                 TokenUsage(model=_str(entry.get("model")), provider=_str(entry.get("provider")), **counts)
             )
     return tuple(usage)
+
+
+_ANTHROPIC_USAGE = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _as_mapping(value: Any) -> Mapping[str, Any] | None:
+    """A usage dict, or the dict of an object (a dataclass or pydantic model a Python door passes)."""
+    if isinstance(value, Mapping):
+        return value
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        try:
+            value = dump()
+        except Exception:
+            return None
+        return value if isinstance(value, Mapping) else None
+    attributes = getattr(value, "__dict__", None)
+    return attributes if isinstance(attributes, Mapping) else None
 
 
 _USAGE_FIELDS = {

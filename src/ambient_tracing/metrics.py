@@ -143,12 +143,15 @@ class SessionMetrics:
             self.clarifications += 1
             self._clarifying.add(call_id)
 
-    def tool_result(self, call_id: str, event: Mapping[str, Any]) -> None:
+    def tool_result(self, call_id: str, failure: str | Mapping[str, Any] | None) -> None:
+        """The call ended; ``failure`` is why it failed, None if it did not (or the TOOL_CALL_RESULT
+        event, read with :func:`tool_failure_reason`)."""
         self._touch()
         category = self._pending.pop(call_id, "unknown")
-        reason = tool_failure_reason(event)
-        if reason is not None:
-            self._fail(category, reason)
+        if isinstance(failure, Mapping):
+            failure = tool_failure_reason(failure)
+        if failure is not None:
+            self._fail(category, failure)
 
     def run_error(self, message: str) -> None:
         """A RUN_ERROR: every tool call still open failed with its reason, else one ``run`` failure."""

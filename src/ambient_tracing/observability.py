@@ -161,6 +161,14 @@ class Observability:
                     "ambient-tracing: Langfuse tracing is off: LANGFUSE_ENABLED is set but the langfuse "
                     "package is not installed (pip install 'ambient-tracing[langfuse]')"
                 )
+            except Exception as exc:
+                # As the origin runner did: run without Langfuse. Only the exception's type is logged;
+                # its text may carry the keys or the host's credentials.
+                logger.warning(
+                    "ambient-tracing: Langfuse tracing is off: the Langfuse client could not be created "
+                    "(%s; check the LANGFUSE_* variables)",
+                    type(exc).__name__,
+                )
         if config.mlflow is not None:
             try:
                 from .backends.mlflow import MlflowBackend
@@ -175,6 +183,11 @@ class Observability:
                 logger.warning(
                     "ambient-tracing: MLflow tracing is off: MLFLOW_TRACING_ENABLED is set but the mlflow "
                     "package is not installed (pip install 'ambient-tracing[mlflow]')"
+                )
+            except Exception as exc:
+                logger.warning(
+                    "ambient-tracing: MLflow tracing is off: the MLflow backend could not be created (%s)",
+                    type(exc).__name__,
                 )
         return cls(
             backends,
@@ -335,6 +348,10 @@ class Observability:
             self._threads.turn_started(thread_id, chosen)
         span = spans[0] if len(spans) == 1 else FanoutSpan(spans, chosen)
         return Turn(span=span, trace_id=chosen, thread_id=thread_id)
+
+    def usage_delta(self, thread_id: str | None, totals: Mapping[str, int]) -> dict[str, int]:
+        """The part of a thread's cumulative token counts not reported before (all of it without a thread)."""
+        return self._threads.usage_delta(thread_id, totals) if thread_id else dict(totals)
 
     def turn_ended(self, turn: Turn) -> None:
         if turn.thread_id:

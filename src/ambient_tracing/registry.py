@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 DEFAULT_MAX_THREADS = 10_000
@@ -17,6 +17,8 @@ class _Thread:
     last: str | None = None
     turns: int = 0
     touched: float = 0.0
+    #: The last cumulative usage a producer reported for the thread (see :meth:`usage_delta`).
+    usage: dict[str, int] | None = None
 
 
 class ThreadRegistry:
@@ -63,6 +65,20 @@ class ThreadRegistry:
             thread.current = None
         if thread.last is None:
             thread.last = trace_id
+
+    def usage_delta(self, thread_id: str, totals: Mapping[str, int]) -> dict[str, int]:
+        """What ``totals`` (token counts reported cumulatively for the thread) add since the last report.
+
+        A count lower than the last one is taken as a restarted counter (a new producer session):
+        all of it is new.
+        """
+        thread = self._touch(thread_id)
+        previous = thread.usage or {}
+        thread.usage = dict(totals)
+        return {
+            key: value - previous.get(key, 0) if value >= previous.get(key, 0) else value
+            for key, value in totals.items()
+        }
 
     def current(self, thread_id: str) -> str | None:
         thread = self._get(thread_id)

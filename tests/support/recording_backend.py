@@ -28,6 +28,9 @@ class RecordedSpan:
     ended: int = 0
     children: list[RecordedSpan] = field(default_factory=list)
     turn: TurnStart | None = None
+    #: When the span started and (first) ended, as ticks of one process-wide counter.
+    started_at: int = field(default_factory=lambda: next(_CLOCK))
+    ended_at: int | None = None
 
     def start_child(
         self,
@@ -57,6 +60,8 @@ class RecordedSpan:
         end_time_ns: int | None = None,
     ) -> None:
         self.ended += 1
+        if self.ended_at is None:
+            self.ended_at = next(_CLOCK)
         self.output, self.error, self.model, self.usage = output, error, model, tuple(usage)
         self.attributes.update(attributes or {})
 
@@ -74,6 +79,19 @@ class RecordedSpan:
 
 
 _SPANS: dict[str, list[RecordedSpan]] = {}
+_CLOCK = itertools.count()
+
+
+def outliving_spans(root: RecordedSpan) -> list[str]:
+    """Spans under ``root`` that are still open, or ended after their parent: should be none."""
+    found = []
+    for span in root.walk():
+        parent = span.parent
+        if span.ended_at is None:
+            found.append(f"{span.name} never ended")
+        elif parent is not None and parent.ended_at is not None and span.ended_at > parent.ended_at:
+            found.append(f"{span.name} outlives {parent.name}")
+    return found
 
 
 class RecordingBackend:

@@ -39,7 +39,7 @@ _MAX_PROPAGATED = 200  # Langfuse drops propagated values longer than this (v5: 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 _TYPES = {
     SpanKind.TURN: "agent",
-    SpanKind.TOOL: "tool",
+    SpanKind.TOOL: "span",  # the origin runner's type, which its dashboards filter on
     SpanKind.STEP: "span",
     SpanKind.REASONING: "span",
     SpanKind.SUBAGENT: "agent",
@@ -105,15 +105,20 @@ class LangfuseBackend:
                 shutdown_on_exit=False,  # the SDK's own exit hook flushes it; ours must not block exit twice
             )
             _forget_cached_resources(public_key)
-            client = Langfuse(
-                public_key=public_key,
-                secret_key=secret_key,
-                base_url=host,
-                sample_rate=rate,
-                environment=environment,
-                tracer_provider=self._provider,
-                **client_options,
-            )
+            try:
+                client = Langfuse(
+                    public_key=public_key,
+                    secret_key=secret_key,
+                    base_url=host,
+                    sample_rate=rate,
+                    environment=environment,
+                    tracer_provider=self._provider,
+                    **client_options,
+                )
+            except BaseException:
+                self._provider.shutdown()
+                _forget_cached_resources(public_key)
+                raise
         self._client = client
         resources = getattr(client, "_resources", None)
         self._scores = ScoreApi(

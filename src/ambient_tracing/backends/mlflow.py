@@ -129,8 +129,18 @@ class MlflowBackend:
         if experiment_id is None:
             return None
         trace_id = turn.trace_id or new_trace_id()
-        tags = {"ambient.thread_id": turn.thread_id, "ambient.run_id": turn.run_id}
-        metadata = {TraceMetadataKey.TRACE_SESSION: turn.thread_id, TraceMetadataKey.TRACE_USER: turn.user_id}
+        tags = {
+            "ambient.thread_id": turn.thread_id,
+            "ambient.run_id": turn.run_id,
+            # The origin runner's trace tags (its session is the AG-UI thread).
+            "ambient.session_id": turn.thread_id,
+            "ambient.user_id": turn.user_id,
+        }
+        metadata = {
+            TraceMetadataKey.TRACE_SESSION: turn.thread_id,
+            TraceMetadataKey.TRACE_USER: turn.user_id,
+            "user_name": turn.user_name,
+        }
         attributes = {
             **(turn.attributes or {}),
             "ambient.runner_type": turn.runner_type,
@@ -177,7 +187,12 @@ class MlflowBackend:
         if experiment_id is None:
             return
         source = (metadata or {}).get("source")
-        tags = {"ambient.thread_id": thread_id, "ambient.source": source if isinstance(source, str) else None}
+        tags = {
+            "ambient.thread_id": thread_id,
+            "ambient.source": source if isinstance(source, str) else None,
+            "ambient.session_id": thread_id,
+            "ambient.user_id": user_id,
+        }
         trace_metadata = {TraceMetadataKey.TRACE_SESSION: thread_id, TraceMetadataKey.TRACE_USER: user_id}
         attributes = {
             **(metadata or {}),
