@@ -485,3 +485,267 @@ async def test_mlflow_and_langfuse_record_result_usage(
     assert root.attributes["langfuse.observation.model.name"] == "claude-sonnet-4"
     details = json.loads(root.attributes["langfuse.observation.usage_details"])
     assert (details["input"], details["output"], details["cache_read_input_tokens"]) == (120, 50, 20)
+
+
+# -- namespace, workflow, Session Metrics as the origin's dashboards read them ---------------------
+
+
+def test_active_workflow_is_read_from_the_environment_when_asked() -> None:
+    from ambient_tracing.config import Workflow, active_workflow
+
+    assert active_workflow({}) is None
+    assert active_workflow({"ACTIVE_WORKFLOW_GIT_URL": "  "}) is None
+    workflow = active_workflow(
+        {
+            "ACTIVE_WORKFLOW_GIT_URL": "https://x-token:ghp_secret@github.com/acme/bug-triage.git/",
+            "ACTIVE_WORKFLOW_BRANCH": " main\n",
+            "ACTIVE_WORKFLOW_PATH": "flows/triage",
+        }
+    )
+    assert workflow == Workflow("https://github.com/acme/bug-triage.git/", "main", "flows/triage")
+    assert workflow.name == "bug-triage"
+    assert workflow.metadata() == {
+        "workflow_name": "bug-triage",
+        "workflow_url": "https://github.com/acme/bug-triage.git/",
+        "workflow_branch": "main",
+        "workflow_path": "flows/triage",
+    }
+    nameless = active_workflow({"ACTIVE_WORKFLOW_GIT_URL": "https://host/%%%"})
+    assert nameless is not None and nameless.name == "" and nameless.metadata()["workflow_name"] == "unknown"
+    assert active_workflow({"ACTIVE_WORKFLOW_GIT_URL": "git@github.com:acme/tool.git"}).name == "tool"  # type: ignore[union-attr]
+
+
+def test_namespace_comes_from_agentic_session_namespace() -> None:
+    from ambient_tracing import TracingConfig
+
+    assert TracingConfig.from_env({}).namespace is None
+    assert TracingConfig.from_env({"AGENTIC_SESSION_NAMESPACE": "team-a"}).namespace == "team-a"
+    assert TracingConfig.from_env({"AGENTIC_SESSION_NAMESPACE": "team a;drop"}).namespace == "teamadrop"
+
+
+async def test_every_run_and_session_metrics_carry_namespace_and_the_workflow_of_the_moment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False, namespace="team-a")
+    monkeypatch.setenv("ACTIVE_WORKFLOW_GIT_URL", "https://github.com/acme/bug-triage.git")
+    monkeypatch.setenv("ACTIVE_WORKFLOW_BRANCH", "main")
+    feed(obs, run(*tool_call("c1", "Read"), result("c1")))
+    monkeypatch.setenv("ACTIVE_WORKFLOW_GIT_URL", "https://github.com/acme/spec-kit")  # the user switched
+    monkeypatch.delenv("ACTIVE_WORKFLOW_BRANCH")
+    feed(obs, run(*tool_call("c2", "mcp__github__get_issue", error="rate limited"), result("c2", "")))
+    first, second = (turn.attributes for turn in backend.turns)
+    assert first["ambient.namespace"] == second["ambient.namespace"] == "team-a"
+    assert (first["ambient.workflow"], first["workflow_name"], first["workflow_branch"]) == (
+        "bug-triage",
+        "bug-triage",
+        "main",
+    )
+    assert second["workflow_url"] == "https://github.com/acme/spec-kit" and "workflow_branch" not in second
+
+    assert await obs.end_session("th")
+    [record] = backend.records
+    assert record["input"] == {
+        "session_id": "th",
+        "user_id": "alice",
+        "namespace": "team-a",
+        "user_name": None,
+    }
+    metadata = record["metadata"]
+    assert metadata["source"] == "ambient-runner-metrics" and metadata["collected_at"]
+    assert (metadata["session_id"], metadata["user_id"], metadata["namespace"]) == ("th", "alice", "team-a")
+    assert metadata["workflow_name"] == metadata["ambient.workflow"] == "spec-kit"
+    # The origin's flat keys, alongside this package's nested ones.
+    assert metadata["tool_calls_total"] == 2.0 and metadata["tool_calls_Read"] == 1.0
+    assert metadata["tool_calls_github"] == 1.0 and metadata["tool_calls"] == {"Read": 1, "github": 1}
+    assert (
+        metadata["interrupt_tool_failure_total"] == 1.0 and metadata["interrupt_tool_failure_github"] == 1.0
+    )
+    assert metadata["interrupt_reason_github:_rate_limited"] == 1.0
+    assert metadata["interrupt_human"] == 0.0 and metadata["interrupt_unclear_context"] == 0.0
+    assert metadata["token_total"] == 0.0 and metadata["estimated_cost_usd"] is None
+    assert record["output"]["tool_failure_reasons"] == {"github": {"rate limited": 1}}
+
+
+async def test_flat_token_keys_use_the_origins_accounting() -> None:
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False, workflow=None)
+    usage = [
+        {"model": "claude-sonnet-4", "inputTokens": 1000, "outputTokens": 500, "cachedInputTokens": 200},
+        {"model": "mystery", "inputTokens": 10, "outputTokens": 5},
+    ]
+    feed(obs, run(usage=usage))
+    feed(obs, run(usage=usage[:1]))
+    assert await obs.end_session("th")
+    [record] = backend.records
+    metadata = record["metadata"]
+    # Anthropic's accounting: token_input is the uncached part; the total is everything.
+    assert metadata["token_input"] == 2 * 800 + 10 and metadata["token_cache_read"] == 400
+    assert metadata["token_output"] == 1005 and metadata["token_total"] == 2 * 1500 + 15
+    assert metadata["models_seen"] == {"claude-sonnet-4": 2, "mystery": 1}
+    assert metadata["namespace"] == "unknown" and "ambient.workflow" not in metadata
+
+
+async def test_a_flood_of_failure_reasons_stays_bounded() -> None:
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False)
+    events = [
+        event
+        for n in range(300)
+        for event in (*tool_call(f"c{n}", f"t{n % 5}"), result(f"c{n}", f"Error {n}"))
+    ]
+    feed(obs, run(*events))
+    assert await obs.end_session("th")
+    metadata = backend.records[0]["metadata"]
+    reasons = [key for key in metadata if key.startswith("interrupt_reason_")]
+    assert len(reasons) <= 101
+    assert sum(metadata[key] for key in reasons) == 300
+
+
+async def test_backends_store_namespace_workflow_and_session_metrics(
+    mlflow_backend: Any,
+    langfuse_backend: Any,
+    langfuse_receiver: LangfuseReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mlflow = mlflow_backend()
+    obs = Observability([mlflow, langfuse_backend()], mask_messages=False, namespace="team-a")
+    monkeypatch.setenv("ACTIVE_WORKFLOW_GIT_URL", "https://github.com/acme/bug-triage.git")
+    monkeypatch.setenv("ACTIVE_WORKFLOW_PATH", "flows/triage")
+    tracer = StreamTracer(
+        obs, RunRequest(thread_id="th-wf", run_id="r", user_message="hi", user_id="alice", user_name="Alice")
+    )
+    trace_id = tracer.on_event({"type": "RUN_STARTED", "threadId": "th-wf", "runId": "r"})
+    assert trace_id is not None
+    for event in [*tool_call("c1", "Read"), result("c1", "text")]:
+        tracer.on_event(event)
+    tracer.on_event({"type": "RUN_FINISHED", "threadId": "th-wf", "runId": "r"})
+    assert await obs.end_session("th-wf")
+    await obs.aclose()
+
+    trace = wait_for_trace(mlflow.tracking_uri, trace_id)
+    assert (
+        trace.info.tags["ambient.workflow"] == "bug-triage"
+        and trace.info.tags["ambient.namespace"] == "team-a"
+    )
+    assert trace.info.trace_metadata["workflow_path"] == "flows/triage"
+    assert trace.info.trace_metadata["workflow_url"] == "https://github.com/acme/bug-triage.git"
+    [metrics_trace] = mlflow.client.search_traces(
+        locations=[mlflow.experiment_id], filter_string="tags.`ambient.source` = 'ambient-runner-metrics'"
+    )
+    root = metrics_trace.data.spans[0]
+    assert root.inputs == {
+        "session_id": "th-wf",
+        "user_id": "alice",
+        "namespace": "team-a",
+        "user_name": "Alice",
+    }
+    assert root.attributes["tool_calls_Read"] == 1.0 and root.attributes["workflow_name"] == "bug-triage"
+    assert metrics_trace.info.tags["ambient.workflow"] == "bug-triage"
+    assert metrics_trace.info.tags["ambient.user_id"] == "alice"
+
+    spans = langfuse_receiver.wait_for_spans(
+        lambda found: {"Session Metrics", "tool_Read"} <= {s.name for s in found}
+    )
+    for span in spans:
+        assert {"namespace:team-a", "workflow:bug-triage"} <= set(span.attributes["langfuse.trace.tags"])
+        assert span.metadata("workflow_name", trace=True) == "bug-triage"
+        assert span.metadata("workflow_path", trace=True) == "flows/triage"
+        assert span.metadata("namespace", trace=True) == "team-a"
+    [summary] = [span for span in spans if span.name == "Session Metrics"]
+    assert json.loads(summary.attributes["langfuse.observation.input"])["user_name"] == "Alice"
+    assert summary.metadata("token_total") in (0.0, "0.0")
+    assert summary.metadata("user_name") == "Alice"
+
+
+# -- one trace when two layers would trace the same request ---------------------------------------
+
+
+def _app_using_the_stream_wrapper(obs: Observability) -> Any:
+    """An app that traces its own events with trace_agui_stream (as the README shows)."""
+    from ag_ui.encoder import EventEncoder
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from ambient_tracing import trace_agui_stream
+    from tests.support.agui_app import scripted_run
+
+    async def agent(request: Request) -> StreamingResponse:
+        body = await request.json()
+
+        async def events() -> Any:
+            for event in scripted_run(body["threadId"], body["runId"]):
+                yield event
+
+        async def encoded() -> Any:
+            encoder = EventEncoder()
+            async for event in trace_agui_stream(events(), obs, body):
+                yield encoder.encode(event)
+
+        return StreamingResponse(encoded(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/agent", agent, methods=["POST"])])
+
+
+@pytest.mark.parametrize("layers", ["middleware+wrapper", "middleware+middleware"])
+async def test_two_layers_give_one_trace_and_one_id_event(layers: str) -> None:
+    from ambient_tracing import TracingMiddleware
+    from tests.support.agui_app import agui_app, run_input
+    from tests.support.client import post_run
+    from tests.support.server import serve
+
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False, workflow=None)
+    inner = (
+        _app_using_the_stream_wrapper(obs)
+        if layers == "middleware+wrapper"
+        else TracingMiddleware(agui_app(), observability=obs)
+    )
+    with serve(TracingMiddleware(inner, observability=obs)) as url:
+        streamed = await post_run(url, run_input("th-two", "r1"))
+        again = await post_run(url, run_input("th-two", "r2"))
+    assert len(streamed.trace_ids) == 1 and len(again.trace_ids) == 1
+    assert streamed.types[:2] == ["RUN_STARTED", "CUSTOM"]
+    assert [turn.trace_id for turn in backend.turns] == streamed.trace_ids + again.trace_ids
+    assert not backend.open_spans()
+
+
+async def test_the_stream_wrapper_alone_still_traces() -> None:
+    from tests.support.agui_app import run_input
+    from tests.support.client import post_run
+    from tests.support.server import serve
+
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False, workflow=None)
+    with serve(_app_using_the_stream_wrapper(obs)) as url:
+        streamed = await post_run(url, run_input("th-one", "r1"))
+    assert [turn.trace_id for turn in backend.turns] == streamed.trace_ids
+
+
+# -- a sqlite store keeps its artifacts beside it ----------------------------------------------------
+
+
+async def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ambient_tracing.backends.mlflow import MlflowBackend, artifacts_beside
+
+    store, elsewhere = tmp_path / "store", tmp_path / "started-here"
+    store.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    backend = MlflowBackend(tracking_uri=f"sqlite:///{store / 'mlflow.db'}", experiment_name="my runs/\u00e9")
+    backend.setup()
+    location = backend.client.get_experiment(backend.experiment_id).artifact_location
+    assert location == (store / "mlartifacts" / "my-runs").as_uri()
+    obs = Observability([backend], mask_messages=False, workflow=None)
+    tracer = feed(obs, run(*tool_call("c1", "Read"), result("c1", "x" * 10_000)))
+    await obs.aclose()
+    assert tracer.trace_id is None
+    assert not (elsewhere / "mlruns").exists() and not (elsewhere / "mlartifacts").exists()
+    # A relative path is beside the database too; other stores choose their own location.
+    assert artifacts_beside("sqlite:///rel/m.db", "e") == (elsewhere / "rel" / "mlartifacts" / "e").as_uri()
+    assert artifacts_beside("sqlite://", "e") is None and artifacts_beside("sqlite:///:memory:", "e") is None
+    assert artifacts_beside("http://127.0.0.1:5000", "e") is None

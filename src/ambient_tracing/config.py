@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .metrics import DEFAULT_SESSION_IDLE_SECONDS
+from .metrics import DEFAULT_SESSION_IDLE_SECONDS, UNKNOWN
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -53,6 +53,8 @@ class TracingConfig:
     # Seconds without activity after which a thread's Session Metrics are emitted; None: only on
     # end_session and at shutdown.
     session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS
+    #: ``AGENTIC_SESSION_NAMESPACE``: the origin runner's Kubernetes namespace (None when unset).
+    namespace: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TracingConfig:
@@ -71,7 +73,64 @@ class TracingConfig:
             feedback_spool=Path(spool) if (spool := env.get("AMBIENT_FEEDBACK_SPOOL", "").strip()) else None,
             session_idle_seconds=_seconds(env, "SESSION_METRICS_IDLE_SECONDS", DEFAULT_SESSION_IDLE_SECONDS)
             or None,
+            namespace=_label(env.get("AGENTIC_SESSION_NAMESPACE", "")) or None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    """The workflow a session runs, from the origin runner's ``ACTIVE_WORKFLOW_*`` variables."""
+
+    url: str
+    branch: str = ""
+    path: str = ""
+
+    @property
+    def name(self) -> str:
+        """The repository name: the URL's last path segment without ``.git`` ("" when none)."""
+        return _label(self.url.rstrip("/").split("/")[-1].removesuffix(".git"))
+
+    def metadata(self) -> dict[str, str]:
+        """The origin runner's metadata keys (``workflow_name`` is ``unknown`` when it has no name)."""
+        values = {
+            "workflow_name": self.name or UNKNOWN,
+            "workflow_url": self.url,
+            "workflow_branch": self.branch,
+            "workflow_path": self.path,
+        }
+        return {key: value for key, value in values.items() if value}
+
+
+def active_workflow(environ: Mapping[str, str] | None = None) -> Workflow | None:
+    """The workflow active now, or None. Read at every run, not once: the origin runner changes
+    ``ACTIVE_WORKFLOW_GIT_URL`` / ``_BRANCH`` / ``_PATH`` while it runs, when the user switches."""
+    env = os.environ if environ is None else environ
+    url = _without_credentials(_printable(env.get("ACTIVE_WORKFLOW_GIT_URL", "")))
+    if not url:
+        return None
+    return Workflow(
+        url=url,
+        branch=_printable(env.get("ACTIVE_WORKFLOW_BRANCH", "")),
+        path=_printable(env.get("ACTIVE_WORKFLOW_PATH", "")),
+    )
+
+
+def _printable(value: str, limit: int = 500) -> str:
+    """Stripped, without control characters, at most ``limit`` characters (values go into logs and UIs)."""
+    return "".join(char for char in value if char.isprintable()).strip()[:limit]
+
+
+def _label(value: str) -> str:
+    """A name fit for a tag: letters, digits and ``-_:@./`` only (the origin's model-name rule)."""
+    return re.sub(r"[^A-Za-z0-9._:@/-]", "", value.strip())[:200]
+
+
+def _without_credentials(url: str) -> str:
+    """The URL without a ``user:token@`` part: a workflow URL may carry a git token."""
+    return _CREDENTIALS.sub(r"\1", url)
+
+
+_CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 def default_spool_path() -> Path:

@@ -298,7 +298,9 @@ class StreamTracer:
         )
         if turn is None:
             return None
-        metrics = self._observability.session_metrics(turn.thread_id, request.user_id)
+        metrics = self._observability.session_metrics(
+            turn.thread_id, request.user_id, request.user_name, turn.context
+        )
         self._run = _Run(
             turn=turn,
             root=_Node(turn.span, None),

@@ -49,6 +49,8 @@ logger = logging.getLogger("ambient_tracing")
 SPAN_NAME = "Session Metrics"
 SOURCE = "ambient-runner-metrics"
 DEFAULT_SESSION_IDLE_SECONDS = 900.0
+#: The origin runner's value for a namespace or workflow name it does not know.
+UNKNOWN = "unknown"
 RUN_CATEGORY = "run"  # failures of a RUN_ERROR with no tool call open
 _MAX_KEYS = 100  # categories, reasons per category and models kept per report; the rest count as "other"
 _OTHER = "other"
@@ -70,8 +72,10 @@ class SessionMetrics:
         "_pending",
         "cancellations",
         "clarifications",
+        "context",
         "interrupts",
         "last_activity",
+        "model_runs",
         "open_runs",
         "period_start",
         "run_errors",
@@ -81,6 +85,7 @@ class SessionMetrics:
         "tool_calls",
         "tool_failures",
         "user_id",
+        "user_name",
     )
 
     def __init__(
@@ -92,6 +97,9 @@ class SessionMetrics:
     ) -> None:
         self.thread_id = thread_id
         self.user_id: str | None = None
+        self.user_name: str | None = None
+        #: Namespace and workflow attributes of the thread's latest run (see Observability.run_context).
+        self.context: Mapping[str, str] = {}
         self.open_runs = 0
         self.last_activity = time.monotonic()
         self._categorise = categorise
@@ -106,6 +114,7 @@ class SessionMetrics:
         self.tool_calls: dict[str, int] = {}
         self.tool_failures: dict[str, dict[str, int]] = {}
         self.tokens: dict[str, TokenCounts] = {}
+        self.model_runs: dict[str, int] = {}  # the origin's models_seen: runs that reported each model
 
     @property
     def active(self) -> bool:
@@ -119,12 +128,18 @@ class SessionMetrics:
 
     # -- fed by the core ---------------------------------------------------------------------------
 
-    def run_started(self, user_id: str | None) -> None:
+    def run_started(
+        self, user_id: str | None, user_name: str | None = None, context: Mapping[str, str] | None = None
+    ) -> None:
         self._touch()
         self.runs += 1
         self.open_runs += 1
         if user_id:
             self.user_id = user_id
+        if user_name:
+            self.user_name = user_name
+        if context is not None:
+            self.context = context
 
     def tool_started(self, call_id: str, name: str) -> None:
         self._touch()
@@ -192,6 +207,9 @@ class SessionMetrics:
             if counts is None:
                 counts = self.tokens[model] = TokenCounts()
             counts.add(entry)
+            if entry.model:
+                seen = _bounded_key(self.model_runs, entry.model)
+                self.model_runs[seen] = self.model_runs.get(seen, 0) + 1
         if not self.open_runs:
             self._pending.clear()
             self._clarifying.clear()
@@ -241,6 +259,7 @@ class SessionMetrics:
             "tokens": totals.as_dict(),
             "tokens_by_model": {model: counts.as_dict() for model, counts in self.tokens.items()},
             "models": sorted(model for model in self.tokens if model != "unknown"),
+            "models_seen": dict(self.model_runs),
             "estimated_cost_usd": None if cost is None else round(cost, 6),
             "unpriced_models": sorted(unpriced),
             "period_start": _iso(self.period_start),
@@ -248,6 +267,41 @@ class SessionMetrics:
         }
         self._reset()
         return report
+
+
+def origin_flat_metrics(report: Mapping[str, Any]) -> dict[str, float | None]:
+    """A report as the origin runner's flat metadata keys, which its dashboards read: names with
+    spaces and dots as ``_``, counts as floats; ``token_input`` without the cache counts (Anthropic's
+    accounting); ``estimated_cost_usd`` None when no model had a price."""
+    flat: dict[str, float | None] = {}
+
+    def add(key: str, count: float) -> None:
+        key = key.replace(" ", "_").replace(".", "_")
+        flat[key] = (flat.get(key) or 0.0) + count
+
+    add("interrupt_tool_failure_total", report["tool_failures_total"])
+    for category, count in report["tool_failures"].items():
+        add(f"interrupt_tool_failure_{category}", count)
+    reasons = [
+        (f"{category}: {reason}", count)
+        for category, counts in report["tool_failure_reasons"].items()
+        for reason, count in counts.items()
+    ]
+    for index, (reason, count) in enumerate(reasons):  # at most _MAX_KEYS keys, the rest as "other"
+        add(f"interrupt_reason_{reason if index < _MAX_KEYS else _OTHER}", count)
+    add("interrupt_unclear_context", report["clarifications"])
+    add("interrupt_human", report["interrupts"])
+    add("tool_calls_total", report["tool_calls_total"])
+    for category, count in report["tool_calls"].items():
+        add(f"tool_calls_{category}", count)
+    tokens = report["tokens"]
+    flat["token_input"] = float(max(tokens["input"] - tokens["cache_read"] - tokens["cache_write"], 0))
+    flat["token_output"] = float(tokens["output"])
+    flat["token_cache_creation"] = float(tokens["cache_write"])
+    flat["token_cache_read"] = float(tokens["cache_read"])
+    flat["token_total"] = float(tokens["input"] + tokens["output"])
+    flat["estimated_cost_usd"] = report["estimated_cost_usd"]
+    return flat
 
 
 def _bounded_key(counts: Mapping[str, Any], key: str) -> str:
@@ -303,7 +357,13 @@ class SessionReporter:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def run_started(self, thread_id: str, user_id: str | None) -> SessionMetrics | None:
+    def run_started(
+        self,
+        thread_id: str,
+        user_id: str | None,
+        user_name: str | None = None,
+        context: Mapping[str, str] | None = None,
+    ) -> SessionMetrics | None:
         """The thread's accumulator with one more run started (None once closed)."""
         if self._closed:
             return None
@@ -323,7 +383,7 @@ class SessionReporter:
                 self._sessions.popitem(last=False)
         else:
             self._sessions.move_to_end(thread_id)
-        session.run_started(user_id)
+        session.run_started(user_id, user_name, context)
         self._arm()
         return session
 
@@ -403,7 +463,21 @@ class SessionReporter:
 
     def _emit(self, session: SessionMetrics) -> None:
         report = session.report(self.pricing, mask=self._mask())
-        metadata = {"source": SOURCE, "runner_type": self._runner_type, **report}
+        identity = {
+            "session_id": session.thread_id,
+            "user_id": session.user_id,
+            "namespace": session.context.get("ambient.namespace", UNKNOWN),
+            "user_name": session.user_name,
+        }
+        metadata = {
+            **report,
+            **session.context,
+            **identity,
+            "source": SOURCE,
+            "runner_type": self._runner_type,
+            "collected_at": report["period_end"],
+            **origin_flat_metrics(report),
+        }
         for backend in self._backends():
             try:
                 backend.record_span(
@@ -411,6 +485,7 @@ class SessionReporter:
                     thread_id=session.thread_id,
                     user_id=session.user_id,
                     runner_type=self._runner_type,
+                    input=identity,
                     output=report,
                     metadata=metadata,
                 )

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .context import request_traced, tracing_request
 from .feedback import Authorize, feedback_endpoint
 from .observability import Observability
 from .responder import RunResponder
@@ -64,10 +65,16 @@ class TracingMiddleware:
             await self.app(scope, receive, self._lifespan_send(send))
         elif scope["type"] == "http" and self._feedback_endpoint and scope["path"] == self.feedback_path:
             await self._feedback(scope, receive, send)
-        elif scope["type"] != "http" or scope["method"] != "POST" or not observability.enabled:
+        elif (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or not observability.enabled
+            or request_traced()  # an outer TracingMiddleware traces it already
+        ):
             await self.app(scope, receive, send)
         else:
-            await RunResponder(self.app, observability, self._user, scope, receive, send).run()
+            with tracing_request():
+                await RunResponder(self.app, observability, self._user, scope, receive, send).run()
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import RatingSink, Span, TraceFinder, TracingBackend, TurnStart
-from .config import DEFAULT_RUNNER_TYPE, TracingConfig, default_spool_path
+from .config import DEFAULT_RUNNER_TYPE, TracingConfig, Workflow, active_workflow, default_spool_path
 from .deferred import SpanWorker, open_deferred_turn
 from .delivery import DEFAULT_RETRY_SECONDS, RatingDelivery
 from .fanout import FanoutSpan
@@ -68,6 +68,8 @@ class Turn:
     span: Span
     trace_id: str
     thread_id: str | None
+    #: Namespace and workflow attributes the run was recorded with (also on its Session Metrics).
+    context: Mapping[str, str] = field(default_factory=dict)
 
 
 class Observability:
@@ -93,6 +95,8 @@ class Observability:
         session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS,
         pricing: Pricing | Mapping[str, ModelPrice] | None = None,
         tool_category: ToolCategoriser | None = None,
+        namespace: str | None = None,
+        workflow: Callable[[], Workflow | None] | None = active_workflow,
         clarification_names: Iterable[str] | None = None,
         feedback_spool: Path | None = None,
         feedback_retry_seconds: float = DEFAULT_RETRY_SECONDS,
@@ -100,6 +104,10 @@ class Observability:
         self.backends: tuple[TracingBackend, ...] = tuple(backends)
         self.runner_type = runner_type
         self.mask_messages = mask_messages
+        #: The origin runner's namespace (``AGENTIC_SESSION_NAMESPACE``), recorded on every run.
+        self.namespace = namespace
+        # Read at every run: the active workflow changes while the process runs (config.py reads it).
+        self._workflow = workflow
         self.flush_timeout = flush_timeout
         self._threads = ThreadRegistry(max_threads, thread_idle_seconds)
         self._open_streams: set[StreamTracer] = set()
@@ -196,6 +204,7 @@ class Observability:
             flush_timeout=flush_timeout,
             feedback_spool=config.feedback_spool,
             session_idle_seconds=config.session_idle_seconds,
+            namespace=config.namespace,
         )
 
     @property
@@ -311,6 +320,7 @@ class Observability:
         if self._setup is None:
             self._begin_setup()
         chosen = parse_trace_id(trace_id) or new_trace_id()
+        context = self.run_context()
         turn = TurnStart(
             thread_id=thread_id,
             run_id=run_id,
@@ -320,7 +330,11 @@ class Observability:
             turn_number=self._threads.next_turn_number(thread_id) if thread_id else 1,
             input=input,
             trace_id=chosen,
-            attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
+            attributes={
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.conversation.id": thread_id or "",
+                **context,
+            },
         )
         spans: list[Span] = []
         overloaded = self._span_worker.overloaded
@@ -347,7 +361,7 @@ class Observability:
         if thread_id:
             self._threads.turn_started(thread_id, chosen)
         span = spans[0] if len(spans) == 1 else FanoutSpan(spans, chosen)
-        return Turn(span=span, trace_id=chosen, thread_id=thread_id)
+        return Turn(span=span, trace_id=chosen, thread_id=thread_id, context=context)
 
     def usage_delta(self, thread_id: str | None, totals: Mapping[str, int]) -> dict[str, int]:
         """The part of a thread's cumulative token counts not reported before (all of it without a thread)."""
@@ -357,11 +371,33 @@ class Observability:
         if turn.thread_id:
             self._threads.turn_ended(turn.thread_id, turn.trace_id)
 
-    def session_metrics(self, thread_id: str | None, user_id: str | None) -> SessionMetrics | None:
+    def run_context(self) -> dict[str, str]:
+        """The namespace and the active workflow, as the attributes every run and Session Metrics carry:
+        ``ambient.namespace``, ``ambient.workflow`` (its name, for tags) and the origin runner's
+        ``workflow_name`` / ``workflow_url`` / ``workflow_branch`` / ``workflow_path``."""
+        context = {"ambient.namespace": self.namespace} if self.namespace else {}
+        try:
+            workflow = self._workflow() if self._workflow is not None else None
+        except Exception as exc:
+            logger.warning("ambient-tracing: could not read the active workflow: %r", exc)
+            workflow = None
+        if workflow is not None:
+            context.update(workflow.metadata())
+            if workflow.name:
+                context["ambient.workflow"] = workflow.name
+        return context
+
+    def session_metrics(
+        self,
+        thread_id: str | None,
+        user_id: str | None,
+        user_name: str | None = None,
+        context: Mapping[str, str] | None = None,
+    ) -> SessionMetrics | None:
         """The thread's Session Metrics accumulator, with one more run started (None: not counted)."""
         if self._sessions is None or not thread_id:
             return None
-        return self._sessions.run_started(thread_id, user_id)
+        return self._sessions.run_started(thread_id, user_id, user_name, context)
 
     def stream_opened(self, stream: StreamTracer) -> None:
         self._open_streams.add(stream)

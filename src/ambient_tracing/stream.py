@@ -12,6 +12,7 @@ from typing import Any
 from ag_ui.core import BaseEvent, CustomEvent, EventType
 from pydantic import BaseModel
 
+from .context import request_traced
 from .core import StreamTracer
 from .observability import Observability
 from .request import RunRequest
@@ -30,9 +31,11 @@ async def trace_agui_stream(
     is traced, also yield ``CustomEvent(name="ambient:trace_id", value={"traceId": ...})``.
 
     ``run_input`` (a RunAgentInput or its dict) gives the thread, run and user message. When the
-    consumer stops early, the run is ended as cancelled and ``events`` is closed too.
+    consumer stops early, the run is ended as cancelled and ``events`` is closed too. Inside a
+    request that :class:`~ambient_tracing.TracingMiddleware` traces, events pass through untouched
+    (the middleware records the run and sends its id once).
     """
-    if not observability.enabled:
+    if not observability.enabled or request_traced():  # behind TracingMiddleware: it traces the bytes
         try:
             async for event in events:
                 yield event

@@ -134,6 +134,7 @@ class RecordingBackend:
         thread_id: str,
         user_id: str | None,
         runner_type: str,
+        input: Any = None,
         output: Any = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
@@ -144,6 +145,7 @@ class RecordingBackend:
                     "thread_id": thread_id,
                     "user_id": user_id,
                     "runner_type": runner_type,
+                    "input": input,
                     "output": output,
                     "metadata": dict(metadata or {}),
                     "flushed_before": self.flushed,

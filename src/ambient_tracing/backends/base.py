@@ -141,6 +141,7 @@ class TracingBackend(Protocol):
         thread_id: str,
         user_id: str | None,
         runner_type: str,
+        input: Any = None,
         output: Any = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:

@@ -52,6 +52,14 @@ _TAG_ATTRIBUTES = (
     ("gen_ai.request.model", "model"),
     ("ambient.workflow", "workflow"),
 )
+# Turn attributes that also become trace metadata, under the origin runner's names.
+_TRACE_METADATA = (
+    ("ambient.namespace", "namespace"),
+    ("workflow_name", "workflow_name"),
+    ("workflow_url", "workflow_url"),
+    ("workflow_branch", "workflow_branch"),
+    ("workflow_path", "workflow_path"),
+)
 _USAGE_KEYS = (
     ("input_tokens", "input"),
     ("output_tokens", "output"),
@@ -174,21 +182,27 @@ class LangfuseBackend:
         thread_id: str,
         user_id: str | None,
         runner_type: str,
+        input: Any = None,
         output: Any = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """A finished ``span`` observation as its own trace named ``name`` in the thread's session."""
+        tags, context = _context(runner_type, metadata or {})
         props = {
             "session_id": _fit(thread_id),
             "user_id": _fit(user_id),
-            "tags": [_fit(f"runner:{runner_type}")],
+            "tags": tags,
             "trace_name": name,
-            "metadata": {"runner_type": _fit(runner_type), "thread_id": _fit(thread_id)},
+            "metadata": {"runner_type": _fit(runner_type), "thread_id": _fit(thread_id), **context},
         }
         try:
             with _scope({key: value for key, value in props.items() if value is not None}):
                 obs = self._client.start_observation(
-                    name=name, as_type="span", output=output, metadata=dict(metadata or {}) or None
+                    name=name,
+                    as_type="span",
+                    input=input,
+                    output=output,
+                    metadata=dict(metadata or {}) or None,
                 )
             obs.end()
         except Exception:
@@ -325,10 +339,9 @@ def _scope(props: Mapping[str, Any]) -> Iterator[None]:
 
 def _propagated(turn: TurnStart) -> dict[str, Any]:
     """Trace-level attributes put on every observation of the turn (strings of <= 200 chars)."""
-    attributes = turn.attributes or {}
-    tags = [f"runner:{turn.runner_type}"]
-    tags += [f"{prefix}:{attributes[key]}" for key, prefix in _TAG_ATTRIBUTES if attributes.get(key)]
+    tags, context = _context(turn.runner_type, turn.attributes or {})
     metadata = {
+        **context,
         "runner_type": turn.runner_type,
         "turn": turn.turn_number,
         "thread_id": turn.thread_id,
@@ -338,11 +351,20 @@ def _propagated(turn: TurnStart) -> dict[str, Any]:
     props = {
         "user_id": _fit(turn.user_id),
         "session_id": _fit(turn.thread_id),
-        "tags": [_fit(tag) for tag in tags],
+        "tags": tags,
         "trace_name": ROOT_NAME,
         "metadata": {key: _fit(value) for key, value in metadata.items() if value is not None},
     }
     return {key: value for key, value in props.items() if value is not None}
+
+
+def _context(runner_type: str, attributes: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The trace tags (``runner:``, ``namespace:``, ``model:``, ``workflow:`` as the origin runner
+    tagged) and the trace metadata (namespace and ``workflow_*``) that a span's attributes give."""
+    tags = [f"runner:{runner_type}"]
+    tags += [f"{prefix}:{attributes[key]}" for key, prefix in _TAG_ATTRIBUTES if attributes.get(key)]
+    metadata = {name: _fit(attributes[key]) or "" for key, name in _TRACE_METADATA if attributes.get(key)}
+    return [tag for tag in map(_fit, tags) if tag], metadata
 
 
 def _fit(value: object) -> str | None:

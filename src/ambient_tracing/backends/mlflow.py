@@ -13,10 +13,12 @@ becomes MLflow's ``tr-<32 hex>``: MLflow's tracer is an OpenTelemetry tracer, an
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -62,6 +64,19 @@ _GEN_AI_USAGE = (
     ("cache_read_tokens", "gen_ai.usage.cache_read.input_tokens"),
     ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
 )
+
+
+def artifacts_beside(tracking_uri: str, experiment_name: str) -> str | None:
+    """For a ``sqlite:///`` store, an artifact location next to the database file (``mlartifacts/
+    <experiment>`` in its folder) rather than MLflow's default, ``./mlruns`` of whatever directory the
+    app was started from. None for other stores: a server or database chooses its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment_name).strip("-.") or "experiment"
+    return (Path(path).resolve().parent / "mlartifacts" / folder).as_uri()
 
 
 def to_mlflow_trace_id(trace_id: str) -> str:
@@ -110,7 +125,10 @@ class MlflowBackend:
             experiment_id = (
                 experiment.experiment_id
                 if experiment is not None
-                else client.create_experiment(self.experiment_name)
+                else client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=artifacts_beside(self.tracking_uri, self.experiment_name),
+                )
             )
             # The first span of a process builds MLflow's tracer provider (~0.1 s): do it here, not
             # on the event loop. A span that is never ended is never exported.
@@ -135,11 +153,13 @@ class MlflowBackend:
             # The origin runner's trace tags (its session is the AG-UI thread).
             "ambient.session_id": turn.thread_id,
             "ambient.user_id": turn.user_id,
+            **_context_tags(turn.attributes or {}),
         }
         metadata = {
             TraceMetadataKey.TRACE_SESSION: turn.thread_id,
             TraceMetadataKey.TRACE_USER: turn.user_id,
             "user_name": turn.user_name,
+            **_context_metadata(turn.attributes or {}),
         }
         attributes = {
             **(turn.attributes or {}),
@@ -178,6 +198,7 @@ class MlflowBackend:
         thread_id: str,
         user_id: str | None,
         runner_type: str,
+        input: Any = None,
         output: Any = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
@@ -192,8 +213,13 @@ class MlflowBackend:
             "ambient.source": source if isinstance(source, str) else None,
             "ambient.session_id": thread_id,
             "ambient.user_id": user_id,
+            **_context_tags(metadata or {}),
         }
-        trace_metadata = {TraceMetadataKey.TRACE_SESSION: thread_id, TraceMetadataKey.TRACE_USER: user_id}
+        trace_metadata = {
+            TraceMetadataKey.TRACE_SESSION: thread_id,
+            TraceMetadataKey.TRACE_USER: user_id,
+            **_context_metadata(metadata or {}),
+        }
         attributes = {
             **(metadata or {}),
             "ambient.runner_type": runner_type,
@@ -204,6 +230,7 @@ class MlflowBackend:
             span = mlflow.start_span_no_context(
                 name,
                 span_type=SpanType.CHAIN,
+                inputs=input,
                 attributes=_present(attributes),
                 tags=_present(tags),
                 metadata=_present(trace_metadata),
@@ -427,6 +454,20 @@ def _earlier_assessment(assessments: Sequence[Any], rating: Rating) -> Any:
         ):
             return assessment
     return None
+
+
+_CONTEXT_TAGS = ("ambient.namespace", "ambient.workflow")
+_CONTEXT_METADATA = ("workflow_name", "workflow_url", "workflow_branch", "workflow_path")
+
+
+def _context_tags(attributes: Mapping[str, Any]) -> dict[str, str]:
+    """Namespace and workflow name as trace tags, to filter runs by them."""
+    return {key: str(attributes[key]) for key in _CONTEXT_TAGS if attributes.get(key)}
+
+
+def _context_metadata(attributes: Mapping[str, Any]) -> dict[str, str]:
+    """The origin runner's ``workflow_*`` keys as trace metadata."""
+    return {key: str(attributes[key]) for key in _CONTEXT_METADATA if attributes.get(key)}
 
 
 def _present(values: Mapping[str, Any]) -> dict[str, Any]:
