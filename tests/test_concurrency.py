@@ -304,16 +304,18 @@ async def test_registry_drops_the_least_recent_threads_past_max_threads() -> Non
 async def test_registry_drops_idle_threads() -> None:
     backend = RecordingBackend()
     observability = Observability([backend], mask_messages=False, thread_idle_seconds=0.5)
+    now = [0.0]  # a manual clock: a loaded machine must not decide what counts as idle
+    observability._threads._clock = lambda: now[0]
     with serve(TracingMiddleware(agui_app(), observability=observability)) as url:
         first = await sequential_runs(url, ["idle-a", "idle-b"])
         assert observability.last_trace_id("idle-a") == first["idle-a"]
-        await asyncio.sleep(0.3)
+        now[0] += 0.3
         second = await sequential_runs(url, ["idle-b"])  # touched again: its idle time restarts
-        await asyncio.sleep(0.3)
+        now[0] += 0.3
         # idle-a has been idle 0.6 s, idle-b only 0.3 s.
         assert observability.last_trace_id("idle-a") is None
         assert observability.last_trace_id("idle-b") == second["idle-b"]
-        await asyncio.sleep(0.6)
+        now[0] += 0.6
         assert observability.last_trace_id("idle-b") is None
         assert len(observability._threads) == 0
         # A forgotten thread starts counting its turns afresh.
