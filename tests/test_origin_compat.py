@@ -661,7 +661,7 @@ async def test_backends_store_namespace_workflow_and_session_metrics(
 # -- one trace when two layers would trace the same request ---------------------------------------
 
 
-def _app_using_the_stream_wrapper(obs: Observability) -> Any:
+def _app_using_the_stream_wrapper(obs: Observability, media_type: str = "text/event-stream") -> Any:
     """An app that traces its own events with trace_agui_stream (as the README shows)."""
     from ag_ui.encoder import EventEncoder
     from starlette.applications import Starlette
@@ -684,7 +684,7 @@ def _app_using_the_stream_wrapper(obs: Observability) -> Any:
             async for event in trace_agui_stream(events(), obs, body):
                 yield encoder.encode(event)
 
-        return StreamingResponse(encoded(), media_type="text/event-stream")
+        return StreamingResponse(encoded(), media_type=media_type)
 
     return Starlette(routes=[Route("/agent", agent, methods=["POST"])])
 
@@ -749,3 +749,19 @@ async def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(
     assert artifacts_beside("sqlite:///rel/m.db", "e") == (elsewhere / "rel" / "mlartifacts" / "e").as_uri()
     assert artifacts_beside("sqlite://", "e") is None and artifacts_beside("sqlite:///:memory:", "e") is None
     assert artifacts_beside("http://127.0.0.1:5000", "e") is None
+
+
+async def test_a_response_the_middleware_does_not_trace_is_traced_by_the_wrapper() -> None:
+    from ambient_tracing import TracingMiddleware
+    from tests.support.agui_app import run_input
+    from tests.support.client import post_run
+    from tests.support.server import serve
+
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False, workflow=None)
+    # Not SSE: the middleware passes the bytes through untraced, so the app's own wrapper traces.
+    app = _app_using_the_stream_wrapper(obs, media_type="application/x-agui-lines")
+    with serve(TracingMiddleware(app, observability=obs)) as url:
+        streamed = await post_run(url, run_input("th-lines", "r1"))
+    assert len(streamed.trace_ids) == 1
+    assert [turn.trace_id for turn in backend.turns] == streamed.trace_ids

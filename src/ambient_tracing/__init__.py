@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
-from .config import LangfuseSettings, MlflowSettings, TracingConfig
+from .config import LangfuseSettings, MlflowSettings, TracingConfig, Workflow, active_workflow
 from .core import StreamTracer
 from .feedback import feedback_endpoint
 from .metrics import SessionMetrics
@@ -46,6 +46,8 @@ __all__ = [
     "TracingConfig",
     "TracingMiddleware",
     "TurnStart",
+    "Workflow",
+    "active_workflow",
     "default_tool_category",
     "feedback_endpoint",
     "parse_feedback",

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .context import request_traced, tracing_request
+from .context import inside_middleware, tracing_request
 from .feedback import Authorize, feedback_endpoint
 from .observability import Observability
 from .responder import RunResponder
@@ -69,12 +69,13 @@ class TracingMiddleware:
             scope["type"] != "http"
             or scope["method"] != "POST"
             or not observability.enabled
-            or request_traced()  # an outer TracingMiddleware traces it already
+            or inside_middleware()  # an outer TracingMiddleware traces it already
         ):
             await self.app(scope, receive, send)
         else:
-            with tracing_request():
-                await RunResponder(self.app, observability, self._user, scope, receive, send).run()
+            responder = RunResponder(self.app, observability, self._user, scope, receive, send)
+            with tracing_request(responder):
+                await responder.run()
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":

@@ -93,6 +93,11 @@ class RunResponder:
         self._disconnected = False
         self._skip: bytes | None = None  # see _passes_untraced
 
+    @property
+    def traces_response(self) -> bool:
+        """Whether the response is an SSE stream being traced (known once its start is sent)."""
+        return self._scanner is not None
+
     async def run(self) -> None:
         try:
             await self._app(self._scope, self.receive, self.send)
