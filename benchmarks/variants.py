@@ -1,8 +1,11 @@
 """The middleware variants under test, built around the workload app.
 
 ``raw``: no middleware. ``mw-none``: TracingMiddleware with ``Observability()`` (no backend).
-``mw-mlflow`` / ``mw-langfuse`` / ``mw-both``: TracingMiddleware with those backends (MLflow set up
-before timing). ``otel``: OpenTelemetry's ASGI middleware, SDK TracerProvider, a no-op exporter behind a
+``mw-mlflow`` / ``mw-langfuse`` / ``mw-both``: TracingMiddleware with those backends (MLflow on a
+``sqlite:///`` store, set up before timing). ``mw-mlflow-server`` / ``mw-both-server``: the same with
+MLflow against a real ``mlflow server`` child process on 127.0.0.1 (the production setup). MLflow's
+tracking URI is process-wide: a process measures either the sqlite or the server variants.
+``otel``: OpenTelemetry's ASGI middleware, SDK TracerProvider, a no-op exporter behind a
 SimpleSpanProcessor (every span is made, ended and handed to the exporter; nothing is dropped).
 ``mw-null``: TracingMiddleware with a backend whose spans do nothing (the middleware's own cost).
 ``otel-nosend``: the same with ``exclude_spans=["send", "receive"]``.
@@ -24,6 +27,9 @@ from .workload import make_app
 
 ALL = ("raw", "mw-none", "mw-null", "mw-mlflow", "mw-langfuse", "mw-both", "otel", "otel-nosend")
 TRACED = ("mw-mlflow", "mw-langfuse", "mw-both")
+SERVER = ("mw-mlflow-server", "mw-both-server")
+_MLFLOW = ("mw-mlflow", "mw-both", "mw-mlflow-server", "mw-both-server")
+_LANGFUSE = ("mw-langfuse", "mw-both", "mw-both-server")
 
 
 class NullSpan:
@@ -100,15 +106,20 @@ class Variants:
 
     mlflow_uri: str | None = None
     langfuse_host: str | None = None
+    mlflow_server_uri: str | None = None
     mask_messages: bool = True
     _mlflow: TracingBackend | None = field(default=None, init=False)
     _langfuse: TracingBackend | None = field(default=None, init=False)
     observabilities: list[Observability] = field(default_factory=list, init=False)
 
-    def mlflow(self) -> TracingBackend:
+    def mlflow(self, server: bool = False) -> TracingBackend:
         if self._mlflow is None:
-            assert self.mlflow_uri, "no MLflow tracking URI"
-            self._mlflow = mlflow_backend(self.mlflow_uri)
+            uri = self.mlflow_server_uri if server else self.mlflow_uri
+            assert uri, "no MLflow tracking URI"
+            self._mlflow = mlflow_backend(uri)
+        assert self._mlflow.tracking_uri == (self.mlflow_server_uri if server else self.mlflow_uri), (  # type: ignore[attr-defined]
+            "sqlite and server MLflow variants cannot share a process"
+        )
         return self._mlflow
 
     def langfuse(self) -> TracingBackend:
@@ -126,9 +137,9 @@ class Variants:
         if name == "otel-nosend":
             return otel_app(app, exclude=True)
         backends: list[TracingBackend] = []
-        if name in ("mw-mlflow", "mw-both"):
-            backends.append(self.mlflow())
-        if name in ("mw-langfuse", "mw-both"):
+        if name in _MLFLOW:
+            backends.append(self.mlflow(server=name in SERVER))
+        if name in _LANGFUSE:
             backends.append(self.langfuse())
         if name == "mw-null":
             backends.append(NullBackend())  # type: ignore[arg-type]
@@ -148,10 +159,10 @@ class Variants:
     def flusher(self, name: str) -> Callable[[], None]:
         """What waits for the variant's background export (so its CPU lands in the measurement)."""
         actions: list[Callable[[], None]] = []
-        if name in ("mw-mlflow", "mw-both"):
-            backend = self.mlflow()
+        if name in _MLFLOW:
+            backend = self.mlflow(server=name in SERVER)
             actions.append(lambda: backend.flush(30.0))
-        if name in ("mw-langfuse", "mw-both"):
+        if name in _LANGFUSE:
             langfuse = self.langfuse()
             actions.append(lambda: langfuse.flush(30.0))
 

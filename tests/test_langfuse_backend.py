@@ -264,10 +264,40 @@ def test_usage_of_several_models(langfuse_backend: Any, langfuse_receiver: Langf
     assert span.metadata("usage_by_model") == [{"model": "b", "provider": "p", "input": 3}]
 
 
-def test_end_is_idempotent_and_never_raises(
-    langfuse_backend: Any, langfuse_receiver: LangfuseReceiver, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_end_is_idempotent(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
+    root = backend.start_turn(make_turn())
+    assert root is not None
+    tool = root.start_child("tool_Read", SpanKind.TOOL)
+    tool.end(output="x")
+    tool.end(output="y")
+    tool.set_input({"late": True})  # after the end: ignored
+    root.end()
+    root.end(error="second end is ignored")
+    backend.flush(5)
+    spans = langfuse_receiver.wait_for_spans(2)
+    time.sleep(0.2)
+    assert len(langfuse_receiver.spans) == 2
+    turn = next(span for span in spans if span.name == "llm_interaction")
+    assert "langfuse.observation.level" not in turn.attributes
+    tool_span = next(span for span in spans if span.name == "tool_Read")
+    assert tool_span.attributes["langfuse.observation.output"] == "x"
+    assert "langfuse.observation.input" not in tool_span.attributes
+
+
+def test_with_an_sdk_client_end_is_idempotent_and_never_raises(
+    langfuse_receiver: LangfuseReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = uuid.uuid4().hex[:8]
+    client = Langfuse(
+        public_key=f"pk-{key}",
+        secret_key=f"sk-{key}",
+        base_url=langfuse_receiver.base_url,
+        flush_at=1,
+        flush_interval=0.05,
+        tracer_provider=TracerProvider(),
+    )
+    backend = LangfuseBackend(client=client, flush_timeout=5)
     root = backend.start_turn(make_turn())
     assert root is not None
     tool = root.start_child("tool_Read", SpanKind.TOOL)
@@ -275,7 +305,7 @@ def test_end_is_idempotent_and_never_raises(
     def broken(**_: Any) -> None:
         raise RuntimeError("sdk broke")
 
-    tool._obs.update = broken
+    tool._obs.update = broken  # type: ignore[attr-defined]
     with caplog.at_level(logging.WARNING, logger="ambient_tracing"):
         tool.set_input({"a": 1})
         tool.end(output="x")
@@ -289,6 +319,7 @@ def test_end_is_idempotent_and_never_raises(
     assert len(langfuse_receiver.spans) == 2
     turn = next(span for span in spans if span.name == "llm_interaction")
     assert "langfuse.observation.level" not in turn.attributes
+    backend.shutdown()
 
 
 def test_sampled_out_turn_returns_none(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:

@@ -9,8 +9,11 @@ may choose the id instead (``Observability.open_turn(trace_id=...)``): a bare 32
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+
+logger = logging.getLogger(__name__)
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -45,6 +48,17 @@ def parse_trace_id(value: str | None) -> str | None:
     else:
         return None
     return None if trace_id == _ZERO_TRACE_ID else trace_id
+
+
+def trace_id_or_new(value: str | None) -> str:
+    """``value`` as a trace id when valid, else a new one (an invalid id is logged and replaced)."""
+    if value is None:
+        return new_trace_id()
+    trace_id = parse_trace_id(value)
+    if trace_id is None:
+        logger.warning("ambient-tracing: ignoring invalid trace id %r", value[:100])
+        return new_trace_id()
+    return trace_id
 
 
 def trace_id_from_seed(seed: str) -> str:

@@ -20,6 +20,7 @@ from .ids import new_trace_id, parse_trace_id
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
 from .pricing import ModelPrice, Pricing
 from .ratings import Rating
+from .records import RecordSpan, SpanSink
 from .registry import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
 from .tool_signals import ToolCategoriser
 
@@ -314,8 +315,9 @@ class Observability:
         """Start the run's turn in every backend under one trace id; None when no backend records it.
 
         The id is ``trace_id`` when it is valid (32 hex or a W3C traceparent: a caller-chosen id),
-        else a new random one. Vendor backends open the turn on the span worker, so no SDK call
-        happens here: the id is announced when one of them :meth:`accepts <TracingBackend>` it.
+        else a new random one. No SDK call happens here: backends with a ``span_sink`` get the
+        package's own span records (exported on their thread), SDK backends open the turn on the
+        span worker. The id is announced when one of them :meth:`accepts <TracingBackend>` it.
         """
         if self._setup is None:
             self._begin_setup()
@@ -339,7 +341,13 @@ class Observability:
         spans: list[Span] = []
         overloaded = self._span_worker.overloaded
         deferred: list[TracingBackend] = []
+        sinks: list[SpanSink] = []
         for backend in self.backends:
+            sink = getattr(backend, "span_sink", None)
+            if sink is not None:  # spans built by the package, exported on the backend's own thread
+                if _accepts(backend, chosen):
+                    sinks.append(sink)
+                continue
             if getattr(backend, "defer_spans", False):
                 if overloaded:
                     logger.warning("ambient-tracing: span worker behind; %s skips this run", backend.name)
@@ -353,6 +361,9 @@ class Observability:
                 continue
             if span is not None:
                 spans.append(span)
+        if sinks:
+            # One tree of records for every such backend: built once, encoded per destination.
+            spans.append(RecordSpan.open_turn(turn, tuple(sinks)))
         if deferred:
             # One queued call per operation for all vendor backends; the worker fans it out.
             spans.append(open_deferred_turn(self._span_worker, deferred, turn))

@@ -12,11 +12,16 @@ becomes MLflow's ``tr-<32 hex>``: MLflow's tracer is an OpenTelemetry tracer, an
 
 from __future__ import annotations
 
+import base64
+import http.client
 import logging
+import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -29,41 +34,33 @@ try:
     import mlflow.tracing.provider as mlflow_provider
     from mlflow import MlflowClient
     from mlflow.entities import AssessmentSource, LiveSpan, SpanStatus, SpanStatusCode, SpanType
-    from mlflow.tracing.constant import SpanAttributeKey, TraceMetadataKey
+    from mlflow.tracing.constant import TraceMetadataKey
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
 
-from ..ids import new_trace_id, sampled
+from ..ids import new_trace_id, sampled, trace_id_or_new
+from ..otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ..ratings import Rating
+from ..records import RecordSpan, SpanRecord, standalone_record
 from .base import NULL_SPAN, Span, SpanKind, TokenUsage, TurnStart
+from .mlflow_otlp import (
+    EXPERIMENT_HEADER,
+    SPAN_TYPES,
+    TRACES_PATH,
+    MlflowMapper,
+    context_metadata,
+    context_tags,
+    custom_metadata,
+    end_attributes,
+    present,
+)
 
 logger = logging.getLogger("ambient_tracing")
 
 ROOT_NAME = "llm_interaction"
+SHUTDOWN_SECONDS = 10.0
 TRACE_ID_PREFIX = "tr-"
-_SPAN_TYPES = {
-    SpanKind.TURN: SpanType.AGENT,
-    SpanKind.TOOL: SpanType.TOOL,
-    SpanKind.STEP: SpanType.CHAIN,
-    SpanKind.REASONING: SpanType.LLM,
-    SpanKind.SUBAGENT: SpanType.AGENT,
-    SpanKind.GENERATION: SpanType.LLM,
-}
-# TokenUsage field -> key of MLflow's ``mlflow.chat.tokenUsage`` (summed into the trace's token usage).
-_MLFLOW_USAGE = (
-    ("input_tokens", "input_tokens"),
-    ("output_tokens", "output_tokens"),
-    ("total_tokens", "total_tokens"),
-    ("cache_read_tokens", "cache_read_input_tokens"),
-    ("cache_write_tokens", "cache_creation_input_tokens"),
-)
-_GEN_AI_USAGE = (
-    ("input_tokens", "gen_ai.usage.input_tokens"),
-    ("output_tokens", "gen_ai.usage.output_tokens"),
-    ("reasoning_tokens", "gen_ai.usage.reasoning_tokens"),
-    ("cache_read_tokens", "gen_ai.usage.cache_read.input_tokens"),
-    ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
-)
+_SPAN_TYPES = {kind: getattr(SpanType, name) for kind, name in SPAN_TYPES.items()}
 
 
 def artifacts_beside(tracking_uri: str, experiment_name: str) -> str | None:
@@ -96,9 +93,22 @@ class MlflowBackend:
     name = "mlflow"
     defer_spans = True  # each span call costs ~0.1-0.3 ms of CPU: keep it off the event loop
 
-    def __init__(self, *, tracking_uri: str, experiment_name: str = "ambient-code-sessions") -> None:
+    def __init__(
+        self,
+        *,
+        tracking_uri: str,
+        experiment_name: str = "ambient-code-sessions",
+        otlp: bool | None = None,
+        **exporter_options: Any,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
+        #: Spans go to the tracking server by OTLP (``{uri}/v1/traces``) instead of through the SDK:
+        #: by default for an ``http(s)://`` tracking server. A ``sqlite:///`` store keeps the SDK.
+        self.otlp = tracking_uri.startswith(("http://", "https://")) if otlp is None else otlp
+        self._exporter_options = exporter_options
+        #: Where ended spans go (records.py) once set up over OTLP; None with the SDK path.
+        self.span_sink: OtlpExporter | None = None
         self._experiment_id: str | None = None
         self._sampling_ratio = 1.0
         self._lock = threading.Lock()
@@ -130,15 +140,31 @@ class MlflowBackend:
                     artifact_location=artifacts_beside(self.tracking_uri, self.experiment_name),
                 )
             )
-            # The first span of a process builds MLflow's tracer provider (~0.1 s): do it here, not
-            # on the event loop. A span that is never ended is never exported.
-            mlflow.start_span_no_context("ambient-tracing-warmup", experiment_id=experiment_id)
             self._sampling_ratio = _sampling_ratio()
+            if self.otlp:
+                options = {"timeout": DEFAULT_TIMEOUT, **self._exporter_options}
+                writer = _TraceInfoWriter(self.tracking_uri, experiment_id, float(options["timeout"]))
+                self.span_sink = OtlpExporter(
+                    "mlflow",
+                    self.tracking_uri.rstrip("/") + TRACES_PATH,
+                    MlflowMapper(experiment_id),
+                    headers={EXPERIMENT_HEADER: experiment_id, **_auth_headers()},
+                    on_exported=writer,
+                    **options,
+                )
+            else:
+                # The first span of a process builds MLflow's tracer provider (~0.1 s): do it here,
+                # not on the event loop. A span that is never ended is never exported.
+                mlflow.start_span_no_context("ambient-tracing-warmup", experiment_id=experiment_id)
             self._experiment_id = experiment_id
 
     def accepts(self, trace_id: str) -> bool:
         """Event loop, no SDK call: set up, and sampled in by ``MLFLOW_TRACE_SAMPLING_RATIO``."""
-        return self._experiment_id is not None and sampled(trace_id, self._sampling_ratio)
+        return (
+            self._experiment_id is not None
+            and sampled(trace_id, self._sampling_ratio)
+            and mlflow_provider.is_tracing_enabled()  # in memory: never waits
+        )
 
     def start_turn(self, turn: TurnStart) -> Span | None:
         """Open the turn's root span under ``turn.trace_id``; None before setup or when MLflow does
@@ -146,20 +172,24 @@ class MlflowBackend:
         experiment_id = self._experiment_id
         if experiment_id is None:
             return None
-        trace_id = turn.trace_id or new_trace_id()
+        trace_id = trace_id_or_new(turn.trace_id)
+        if self.span_sink is not None:
+            if not sampled(trace_id, _sampling_ratio()) or not mlflow_provider.is_tracing_enabled():
+                return None
+            return RecordSpan.open_turn(replace(turn, trace_id=trace_id), (self.span_sink,))
         tags = {
             "ambient.thread_id": turn.thread_id,
             "ambient.run_id": turn.run_id,
             # The origin runner's trace tags (its session is the AG-UI thread).
             "ambient.session_id": turn.thread_id,
             "ambient.user_id": turn.user_id,
-            **_context_tags(turn.attributes or {}),
+            **context_tags(turn.attributes or {}),
         }
         metadata = {
             TraceMetadataKey.TRACE_SESSION: turn.thread_id,
             TraceMetadataKey.TRACE_USER: turn.user_id,
             "user_name": turn.user_name,
-            **_context_metadata(turn.attributes or {}),
+            **context_metadata(turn.attributes or {}),
         }
         attributes = {
             **(turn.attributes or {}),
@@ -175,9 +205,9 @@ class MlflowBackend:
                     ROOT_NAME,
                     span_type=SpanType.AGENT,
                     inputs=turn.input,
-                    attributes=_present(attributes),
-                    tags=_present(tags),
-                    metadata=_present(metadata),
+                    attributes=present(attributes),
+                    tags=present(tags),
+                    metadata=present(metadata),
                     experiment_id=experiment_id,
                 )
         except Exception:
@@ -207,18 +237,27 @@ class MlflowBackend:
         experiment_id = self._experiment_id
         if experiment_id is None:
             return
+        if self.span_sink is not None:
+            trace_id = new_trace_id()
+            if self.accepts(trace_id):
+                turn = TurnStart(thread_id, None, user_id, None, runner_type, 0, None, trace_id)
+                attributes = dict(metadata) if metadata else None
+                self.span_sink.submit(
+                    standalone_record(trace_id, name, turn, input=input, output=output, attributes=attributes)
+                )
+            return
         source = (metadata or {}).get("source")
         tags = {
             "ambient.thread_id": thread_id,
             "ambient.source": source if isinstance(source, str) else None,
             "ambient.session_id": thread_id,
             "ambient.user_id": user_id,
-            **_context_tags(metadata or {}),
+            **context_tags(metadata or {}),
         }
         trace_metadata = {
             TraceMetadataKey.TRACE_SESSION: thread_id,
             TraceMetadataKey.TRACE_USER: user_id,
-            **_context_metadata(metadata or {}),
+            **context_metadata(metadata or {}),
         }
         attributes = {
             **(metadata or {}),
@@ -231,9 +270,9 @@ class MlflowBackend:
                 name,
                 span_type=SpanType.CHAIN,
                 inputs=input,
-                attributes=_present(attributes),
-                tags=_present(tags),
-                metadata=_present(trace_metadata),
+                attributes=present(attributes),
+                tags=present(tags),
+                metadata=present(trace_metadata),
                 experiment_id=experiment_id,
             )
             span.end(outputs=output)
@@ -241,11 +280,18 @@ class MlflowBackend:
             logger.warning("ambient-tracing: MLflow could not record span %r", name, exc_info=True)
 
     def flush(self, timeout: float) -> None:
-        """Blocking: wait for MLflow's export queue to drain (about a second even when nearly empty)."""
-        mlflow.flush_trace_async_logging(terminate=False)
+        """Blocking: wait for the OTLP exporter (bounded by ``timeout``), or MLflow's export queue to
+        drain (about a second even when nearly empty)."""
+        if self.span_sink is not None:
+            self.span_sink.flush(timeout)
+        else:
+            mlflow.flush_trace_async_logging(terminate=False)
 
     def shutdown(self) -> None:
-        """Nothing to release: MLflow's exporter is process-wide and flushes itself at exit."""
+        """Stop the OTLP exporter after a flush bounded by 10 s. With the SDK path: nothing to
+        release (MLflow's exporter is process-wide and flushes itself at exit)."""
+        if self.span_sink is not None:
+            self.span_sink.shutdown(SHUTDOWN_SECONDS)
 
     # -- feedback (called from the rating delivery thread; blocking) --------------------------------
 
@@ -368,14 +414,7 @@ class _MlflowSpan:
         self._ended = True
         span = self._span
         try:
-            extra = dict(attributes or {})
-            model = model or (usage[0].model if usage else None)
-            if model:
-                extra[SpanAttributeKey.MODEL] = model
-                extra["llm.model_name"] = model
-                extra["gen_ai.request.model"] = model
-            if usage:
-                extra.update(_usage_attributes(usage))
+            extra = {**(attributes or {}), **end_attributes(model, usage)}
             if error is not None:
                 # LiveSpan.set_status accepts a SpanStatus (its docstring says so; its annotation not).
                 span.set_status(SpanStatus(SpanStatusCode.ERROR, description=error))  # type: ignore[arg-type]
@@ -430,6 +469,72 @@ class _ChosenTraceIds(IdGenerator):
         return trace_id
 
 
+class _TraceInfoWriter:
+    """Trace metadata that OTLP ingest cannot set (``user_name``, ``workflow_*``; the server derives only
+    session and user from spans): after a run's root span was exported, one ``StartTraceV3`` call per run that
+    has any, with the trace's info as MLflow's own client sends it (the server merges it). Runs on
+    the exporter thread; one try with a timeout, never retried."""
+
+    PATH = "/api/3.0/mlflow/traces"
+
+    def __init__(self, tracking_uri: str, experiment_id: str, timeout: float) -> None:
+        self._url = urllib.parse.urlsplit(tracking_uri.rstrip("/"))
+        self._experiment_id = experiment_id
+        self._timeout = timeout
+        self._headers = {"Content-Type": "application/json", **_auth_headers()}
+
+    def __call__(self, batch: Sequence[SpanRecord]) -> None:
+        for record in batch:
+            if record.parent_id is None and (metadata := custom_metadata(record)):
+                self._write(record, metadata)
+
+    def _write(self, record: SpanRecord, custom: Mapping[str, str]) -> None:
+        from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
+        from mlflow.protos.service_pb2 import StartTraceV3
+        from mlflow.utils.proto_json_utils import message_to_json
+
+        turn = record.turn
+        metadata = {
+            TraceMetadataKey.TRACE_SESSION: turn.thread_id,
+            TraceMetadataKey.TRACE_USER: turn.user_id,
+            "mlflow.trace_schema.version": "3",
+            **custom,
+        }
+        info = TraceInfo(
+            trace_id=TRACE_ID_PREFIX + record.trace_id,
+            trace_location=TraceLocation.from_experiment_id(self._experiment_id),
+            request_time=record.start_ns // 1_000_000,
+            execution_duration=max(0, record.end_ns - record.start_ns) // 1_000_000,
+            state=TraceState.ERROR if record.error is not None else TraceState.OK,
+            trace_metadata={key: str(value) for key, value in metadata.items() if value is not None},
+            tags={},
+        )
+        trace = Trace(info=info, data=TraceData(spans=[]))
+        body = message_to_json(StartTraceV3(trace=trace.to_proto()))  # type: ignore[no-untyped-call]
+        url = self._url
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        connection = kind(url.hostname or "", url.port, timeout=self._timeout)
+        try:
+            connection.request("POST", url.path + self.PATH, body=body.encode(), headers=self._headers)
+            response = connection.getresponse()
+            response.read(1 << 16)
+            if response.status >= 300:
+                raise RuntimeError(f"HTTP {response.status} from {self.PATH}")
+        finally:
+            connection.close()
+
+
+def _auth_headers() -> dict[str, str]:
+    """The tracking server's credentials from MLflow's environment variables, as its client sends them."""
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if token:
+        return {"Authorization": f"Bearer {token}"}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")}
+    return {}
+
+
 def _sampling_ratio() -> float:
     """MLflow's ``MLFLOW_TRACE_SAMPLING_RATIO`` (its sampler is OpenTelemetry's ratio by trace id)."""
     try:
@@ -454,42 +559,3 @@ def _earlier_assessment(assessments: Sequence[Any], rating: Rating) -> Any:
         ):
             return assessment
     return None
-
-
-_CONTEXT_TAGS = ("ambient.namespace", "ambient.workflow")
-_CONTEXT_METADATA = ("workflow_name", "workflow_url", "workflow_branch", "workflow_path")
-
-
-def _context_tags(attributes: Mapping[str, Any]) -> dict[str, str]:
-    """Namespace and workflow name as trace tags, to filter runs by them."""
-    return {key: str(attributes[key]) for key in _CONTEXT_TAGS if attributes.get(key)}
-
-
-def _context_metadata(attributes: Mapping[str, Any]) -> dict[str, str]:
-    """The origin runner's ``workflow_*`` keys as trace metadata."""
-    return {key: str(attributes[key]) for key in _CONTEXT_METADATA if attributes.get(key)}
-
-
-def _present(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _usage_attributes(usage: Sequence[TokenUsage]) -> dict[str, Any]:
-    """``mlflow.chat.tokenUsage`` (summed over models, feeds the trace's token usage) and gen_ai.usage.*."""
-
-    def total(field: str) -> int | None:
-        counts = [value for entry in usage if (value := getattr(entry, field)) is not None]
-        return sum(counts) if counts else None
-
-    chat_usage = {key: value for field, key in _MLFLOW_USAGE if (value := total(field)) is not None}
-    if "total_tokens" not in chat_usage and {"input_tokens", "output_tokens"} <= chat_usage.keys():
-        chat_usage["total_tokens"] = chat_usage["input_tokens"] + chat_usage["output_tokens"]
-    attributes: dict[str, Any] = {
-        key: value for field, key in _GEN_AI_USAGE if (value := total(field)) is not None
-    }
-    if chat_usage:
-        attributes[SpanAttributeKey.CHAT_USAGE] = chat_usage
-    providers = {entry.provider for entry in usage if entry.provider}
-    if len(providers) == 1:
-        attributes[SpanAttributeKey.MODEL_PROVIDER] = attributes["gen_ai.provider.name"] = providers.pop()
-    return attributes

@@ -1,0 +1,132 @@
+"""Before/after in one run: the in-process CPU benchmark for two checkouts of the package, interleaved.
+
+    PYTHONPATH=$PWD/src .venv/bin/python -m benchmarks.compare --before /path/to/other-checkout/src
+
+Each round runs, for each source tree in turn (order alternating by round), one child process per
+group of variants (``python -m benchmarks.compare --child``, PYTHONPATH = that tree's ``src``), on
+the same workload, with the same Langfuse receiver and ``mlflow server`` (child processes on
+127.0.0.1, whose CPU is not counted). MLflow's tracking URI is process-wide, so the sqlite and the
+server variants run in separate children, each with its own ``raw``. "Added" is the median over all
+repetitions of (variant - ``raw`` of the same repetition in the same child).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .common import ROOT, fmt, median, table
+from .receivers import receiver
+
+GROUPS = (
+    ("raw", "mw-null", "mw-langfuse", "mw-mlflow", "mw-both"),
+    ("raw", "mw-mlflow-server", "mw-both-server"),
+)
+CHILD_TIMEOUT = 1800.0
+
+
+def child_main(
+    names: list[str], events: int, reps: int, sqlite_uri: str, server_uri: str, langfuse: str
+) -> None:
+    from . import inprocess
+    from .variants import Variants
+
+    variants = Variants(mlflow_uri=sqlite_uri, langfuse_host=langfuse, mlflow_server_uri=server_uri)
+    loop = asyncio.new_event_loop()
+    try:
+        samples = inprocess.measure(variants, names, events, reps, loop)
+    finally:
+        variants.close()
+        loop.close()
+    print(json.dumps({name: {"loop": s.loop_cpu, "process": s.process_cpu} for name, s in samples.items()}))
+
+
+def run_child(
+    src: str, names: tuple[str, ...], events: int, reps: int, tmp: Path, server_uri: str, langfuse: str
+) -> dict[str, dict[str, list[float]]]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_USE_BATCH_SPAN_PROCESSOR"}
+    env["PYTHONPATH"] = os.pathsep.join([src, str(ROOT)])
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    sqlite_uri = f"sqlite:///{tmp / f'compare-{abs(hash((src, names)))}.db'}"
+    args = [sys.executable, "-m", "benchmarks.compare", "--child", ",".join(names), "--events", str(events)]
+    args += ["--reps", str(reps), "--sqlite", sqlite_uri, "--server", server_uri, "--langfuse", langfuse]
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"child failed ({src}, {names}):\n{done.stderr[-3000:]}")
+    result: dict[str, dict[str, list[float]]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--before", help="the src/ directory of the other checkout")
+    parser.add_argument("--after", default=str(ROOT / "src"))
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per child")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child")
+    parser.add_argument("--sqlite", default="")
+    parser.add_argument("--server", default="")
+    parser.add_argument("--langfuse", default="")
+    args = parser.parse_args()
+    if args.child:
+        child_main(args.child.split(","), args.events, args.reps, args.sqlite, args.server, args.langfuse)
+        return
+    if not args.before:
+        parser.error("--before is required")
+    from tests.support.fixtures_mlflow import MlflowServer
+
+    trees = {"before": args.before, "after": args.after}
+    added: dict[tuple[str, str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp_name, receiver("langfuse") as langfuse:
+        tmp = Path(tmp_name)
+        server = MlflowServer(tmp).start(timeout=600)
+        try:
+            for round_index in range(args.rounds):
+                order = list(trees.items()) if round_index % 2 == 0 else list(reversed(trees.items()))
+                for label, src in order:
+                    for group in GROUPS:
+                        result = run_child(src, group, args.events, args.reps, tmp, server.url, langfuse)
+                        raw = result["raw"]
+                        for name in group[1:]:
+                            for clock in ("loop", "process"):
+                                diffs = [v - r for v, r in zip(result[name][clock], raw[clock], strict=True)]
+                                added.setdefault((label, name, clock), []).extend(diffs)
+                        print(f"round {round_index + 1}: {label} {','.join(group)} done", file=sys.stderr)
+        finally:
+            server.stop()
+    names = [name for group in GROUPS for name in group[1:]]
+    rows = [
+        [
+            name,
+            *(
+                fmt(median(added.get((label, name, clock), [])))
+                for clock in ("loop", "process")
+                for label in trees
+            ),
+        ]
+        for name in names
+    ]
+    headers = [
+        "variant",
+        "loop CPU added us/ev, before",
+        "after",
+        "process CPU added us/ev (incl. export), before",
+        "after",
+    ]
+    reps = args.rounds * args.reps
+    print(f"### Before/after, {args.events:,}-event runs, {reps} repetitions per variant and tree\n")
+    print(f"before = {args.before}\nafter = {args.after}\n")
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()

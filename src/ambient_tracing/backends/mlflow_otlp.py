@@ -1,0 +1,179 @@
+"""What a run becomes in MLflow: the span attributes MLflow's SDK would write, built from records.
+
+An MLflow tracking server (3.6 and later) ingests OTLP/HTTP at ``{uri}/v1/traces`` (header
+``x-mlflow-experiment-id``) and builds the trace from the spans: span type, inputs and outputs
+from ``mlflow.spanType`` / ``mlflow.spanInputs`` / ``mlflow.spanOutputs``, token usage summed from
+``mlflow.chat.tokenUsage``, trace tags from the root's ``mlflow.traceTag.<key>`` attributes, the
+session from ``session.id`` and the user from ``user.id``. :class:`MlflowMapper` writes those, so
+the trace looks as when the SDK made it. No SDK import: this runs on the OTLP exporter thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..otlp import STATUS_ERROR, STATUS_OK, Scope
+from ..records import SpanRecord
+from .base import SpanKind, TokenUsage
+
+TRACES_PATH = "/v1/traces"
+EXPERIMENT_HEADER = "x-mlflow-experiment-id"
+TRACE_ID_PREFIX = "tr-"
+TAG_PREFIX = "mlflow.traceTag."
+SPAN_TYPES = {
+    SpanKind.TURN: "AGENT",
+    SpanKind.TOOL: "TOOL",
+    SpanKind.STEP: "CHAIN",
+    SpanKind.REASONING: "LLM",
+    SpanKind.SUBAGENT: "AGENT",
+    SpanKind.GENERATION: "LLM",
+}
+# TokenUsage field -> key of MLflow's ``mlflow.chat.tokenUsage`` (summed into the trace's token usage).
+MLFLOW_USAGE = (
+    ("input_tokens", "input_tokens"),
+    ("output_tokens", "output_tokens"),
+    ("total_tokens", "total_tokens"),
+    ("cache_read_tokens", "cache_read_input_tokens"),
+    ("cache_write_tokens", "cache_creation_input_tokens"),
+)
+GEN_AI_USAGE = (
+    ("input_tokens", "gen_ai.usage.input_tokens"),
+    ("output_tokens", "gen_ai.usage.output_tokens"),
+    ("reasoning_tokens", "gen_ai.usage.reasoning_tokens"),
+    ("cache_read_tokens", "gen_ai.usage.cache_read.input_tokens"),
+    ("cache_write_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+)
+
+
+_CONTEXT_TAGS = ("ambient.namespace", "ambient.workflow")
+_CONTEXT_METADATA = ("workflow_name", "workflow_url", "workflow_branch", "workflow_path")
+
+
+def context_tags(attributes: Mapping[str, Any]) -> dict[str, str]:
+    """Namespace and workflow name as trace tags, to filter runs by them."""
+    return {key: str(attributes[key]) for key in _CONTEXT_TAGS if attributes.get(key)}
+
+
+def context_metadata(attributes: Mapping[str, Any]) -> dict[str, str]:
+    """The origin runner's ``workflow_*`` keys as trace metadata."""
+    return {key: str(attributes[key]) for key in _CONTEXT_METADATA if attributes.get(key)}
+
+
+def custom_metadata(record: SpanRecord) -> dict[str, str]:
+    """A root's trace metadata beyond session and user (which OTLP ingest derives from spans)."""
+    metadata = context_metadata(record.attributes or {})
+    if not record.standalone and record.turn.user_name:
+        metadata["user_name"] = record.turn.user_name
+    return metadata
+
+
+def present(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def usage_attributes(usage: Sequence[TokenUsage]) -> dict[str, Any]:
+    """``mlflow.chat.tokenUsage`` (summed over models, feeds the trace's token usage) and gen_ai.usage.*."""
+
+    def total(field: str) -> int | None:
+        counts = [value for entry in usage if (value := getattr(entry, field)) is not None]
+        return sum(counts) if counts else None
+
+    chat_usage = {key: value for field, key in MLFLOW_USAGE if (value := total(field)) is not None}
+    if "total_tokens" not in chat_usage and {"input_tokens", "output_tokens"} <= chat_usage.keys():
+        chat_usage["total_tokens"] = chat_usage["input_tokens"] + chat_usage["output_tokens"]
+    attributes: dict[str, Any] = {
+        key: value for field, key in GEN_AI_USAGE if (value := total(field)) is not None
+    }
+    if chat_usage:
+        attributes["mlflow.chat.tokenUsage"] = chat_usage
+    providers = {entry.provider for entry in usage if entry.provider}
+    if len(providers) == 1:
+        attributes["mlflow.llm.provider"] = attributes["gen_ai.provider.name"] = providers.pop()
+    return attributes
+
+
+def end_attributes(model: str | None, usage: Sequence[TokenUsage]) -> dict[str, Any]:
+    """What ``end`` adds for the model and token usage (the same on both MLflow paths)."""
+    extra: dict[str, Any] = {}
+    model = model or (usage[0].model if usage else None)
+    if model:
+        extra["mlflow.llm.model"] = model
+        extra["llm.model_name"] = model
+        extra["gen_ai.request.model"] = model
+    if usage:
+        extra.update(usage_attributes(usage))
+    return extra
+
+
+class MlflowMapper:
+    """Records to MLflow span attributes; the root carries the trace's tags, session and user."""
+
+    def __init__(self, experiment_id: str) -> None:
+        self.experiment_id = experiment_id
+        self.resource: Mapping[str, Any] = {}  # a service.name would become a trace tag
+        self.scope = Scope("ambient_tracing")
+
+    def attributes(self, record: SpanRecord) -> dict[str, Any]:
+        attributes: dict[str, Any] = {}
+        if record.parent_id is None:
+            attributes.update(self._trace_level(record))
+            attributes["mlflow.experimentId"] = self.experiment_id
+        attributes.update(record.attributes or {})
+        attributes["mlflow.traceRequestId"] = TRACE_ID_PREFIX + record.trace_id
+        span_type = SPAN_TYPES.get(record.kind, "UNKNOWN")
+        attributes["mlflow.spanType"] = span_type
+        attributes["mlflow.spanLogLevel"] = 10 if span_type == "CHAIN" else 20  # as MLflow 3.17 sets it
+        if record.input is not None:
+            attributes["mlflow.spanInputs"] = record.input
+        if record.output is not None:
+            attributes["mlflow.spanOutputs"] = record.output
+        attributes.update(record.end_attributes or {})
+        attributes.update(end_attributes(record.model, record.usage))
+        return attributes
+
+    def status(self, record: SpanRecord) -> tuple[int, str]:
+        if record.error is not None:
+            return STATUS_ERROR, record.error
+        return STATUS_OK, ""
+
+    @staticmethod
+    def _trace_level(record: SpanRecord) -> dict[str, Any]:
+        """Root span: the turn's attributes, trace tags, and session/user (the trace's metadata)."""
+        turn = record.turn
+        if record.standalone:
+            source = (record.attributes or {}).get("source")
+            tags = {
+                "ambient.thread_id": turn.thread_id,
+                "ambient.source": source if isinstance(source, str) else None,
+                "ambient.session_id": turn.thread_id,
+                "ambient.user_id": turn.user_id,
+                **context_tags(record.attributes or {}),
+            }
+            attributes: dict[str, Any] = {
+                "ambient.runner_type": turn.runner_type,
+                "ambient.session_id": turn.thread_id,
+                "ambient.user_id": turn.user_id,
+            }
+        else:
+            tags = {
+                "ambient.thread_id": turn.thread_id,
+                "ambient.run_id": turn.run_id,
+                "ambient.session_id": turn.thread_id,  # the origin runner's trace tags
+                "ambient.user_id": turn.user_id,
+                **context_tags(record.attributes or {}),
+            }
+            attributes = {
+                "ambient.runner_type": turn.runner_type,
+                "ambient.session_id": turn.thread_id,
+                "ambient.user_id": turn.user_id,
+                "ambient.user_name": turn.user_name,
+                "ambient.turn": turn.turn_number,
+            }
+        attributes["session.id"] = turn.thread_id or None
+        attributes["user.id"] = turn.user_id
+        tags["mlflow.traceName"] = record.name
+        for key, value in tags.items():
+            if value is not None:
+                attributes[TAG_PREFIX + key] = value
+        return present(attributes)

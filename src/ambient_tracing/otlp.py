@@ -1,0 +1,363 @@
+"""OTLP/HTTP protobuf export of :class:`~ambient_tracing.records.SpanRecord`: encoder and exporter.
+
+A destination is an :class:`OtlpExporter` (endpoint, headers) plus a :class:`SpanMapper` that says
+what a record becomes there (attributes, status, resource, scope): Langfuse and an MLflow tracking
+server each have one; a generic OpenTelemetry collector (GenAI semantic conventions) would be one
+more mapper with the same exporter.
+
+The exporter never blocks the caller: :meth:`OtlpExporter.submit` appends to a bounded queue (the
+oldest record is dropped and counted when it is full) and one daemon thread batches, encodes,
+gzips and POSTs, with a per-request timeout and a bounded number of retries. A collector that
+hangs or refuses costs the stream nothing; memory stays bounded by ``max_queue`` records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import http.client
+import logging
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+from .records import SpanRecord
+
+logger = logging.getLogger(__name__)
+
+STATUS_UNSET = Status.STATUS_CODE_UNSET
+STATUS_OK = Status.STATUS_CODE_OK
+STATUS_ERROR = Status.STATUS_CODE_ERROR
+
+DEFAULT_MAX_QUEUE = 10_000
+DEFAULT_BATCH_SIZE = 512
+DEFAULT_INTERVAL = 1.0
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_RETRIES = 3
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class Scope(NamedTuple):
+    """The OTLP instrumentation scope the spans are reported under."""
+
+    name: str
+    version: str = ""
+    attributes: Mapping[str, Any] | None = None
+
+
+class SpanMapper(Protocol):
+    """What a record becomes at one destination. Runs on the exporter thread."""
+
+    resource: Mapping[str, Any]
+    scope: Scope
+
+    def attributes(self, record: SpanRecord) -> Mapping[str, Any]: ...
+
+    def status(self, record: SpanRecord) -> tuple[int, str]:
+        """``(STATUS_*, message)``."""
+        ...
+
+
+def valid_text(text: str) -> str:
+    """``text`` without lone surrogates (JSON allows ``"\\ud800"``; protobuf strings must be UTF-8)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def set_any_value(target: AnyValue, value: Any) -> None:
+    """Write a Python value into an OTLP ``AnyValue`` (dicts and lists nested, None left empty)."""
+    if isinstance(value, str):
+        try:
+            target.string_value = value
+        except UnicodeEncodeError:
+            target.string_value = valid_text(value)
+    elif isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        if -(1 << 63) <= value < (1 << 63):
+            target.int_value = value
+        else:
+            target.string_value = str(value)
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, Mapping):
+        target.kvlist_value.SetInParent()  # an empty mapping is still a mapping, not "no value"
+        entries = target.kvlist_value.values
+        for key, item in value.items():
+            entry = entries.add()
+            entry.key = valid_text(str(key))
+            set_any_value(entry.value, item)
+    elif isinstance(value, list | tuple):
+        target.array_value.SetInParent()
+        items = target.array_value.values
+        for item in value:
+            set_any_value(items.add(), item)
+    elif isinstance(value, bytes):
+        target.bytes_value = value
+    elif value is not None:
+        target.string_value = str(value)
+
+
+def _add_attributes(target: Any, attributes: Mapping[str, Any]) -> None:
+    for key, value in attributes.items():
+        if value is not None:
+            entry: KeyValue = target.add()
+            try:
+                entry.key = key
+            except UnicodeEncodeError:
+                entry.key = valid_text(key)
+            set_any_value(entry.value, value)
+
+
+def encode(records: Iterable[SpanRecord], mapper: SpanMapper) -> bytes:
+    """One ``ExportTraceServiceRequest`` (serialized protobuf) for ``records`` at ``mapper``'s destination."""
+    return encode_counting(records, mapper)[0]
+
+
+def encode_counting(records: Iterable[SpanRecord], mapper: SpanMapper) -> tuple[bytes, int]:
+    """:func:`encode`, and how many records could not be encoded (left out, not failing the rest)."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    _add_attributes(resource_spans.resource.attributes, mapper.resource)
+    scope_spans = resource_spans.scope_spans.add()
+    scope = mapper.scope
+    scope_spans.scope.name = scope.name
+    scope_spans.scope.version = scope.version
+    if scope.attributes:
+        _add_attributes(scope_spans.scope.attributes, scope.attributes)
+    spans = scope_spans.spans
+    skipped = 0
+    for record in records:
+        span = spans.add()
+        try:
+            _encode_span(span, record, mapper)
+        except Exception:
+            logger.debug("ambient-tracing: span %r could not be encoded", record.name, exc_info=True)
+            del spans[-1]
+            skipped += 1
+    body: bytes = request.SerializeToString()
+    return body, skipped
+
+
+def _encode_span(span: ProtoSpan, record: SpanRecord, mapper: SpanMapper) -> None:
+    span.trace_id = bytes.fromhex(record.trace_id)
+    span.span_id = record.span_id.to_bytes(8, "big")
+    if record.parent_id is not None:
+        span.parent_span_id = record.parent_id.to_bytes(8, "big")
+    try:
+        span.name = record.name
+    except UnicodeEncodeError:
+        span.name = valid_text(record.name)
+    span.kind = ProtoSpan.SPAN_KIND_INTERNAL
+    span.start_time_unix_nano = record.start_ns
+    span.end_time_unix_nano = max(record.end_ns, record.start_ns)
+    _add_attributes(span.attributes, mapper.attributes(record))
+    code, message = mapper.status(record)
+    if code != STATUS_UNSET:
+        span.status.code = code  # type: ignore[assignment]
+        if message:
+            span.status.message = valid_text(message)
+
+
+class OtlpExporter:
+    """One destination: a bounded queue and one daemon thread that sends batches by OTLP/HTTP.
+
+    ``submit`` never blocks and never raises. ``flush`` and ``shutdown`` block, each bounded by its
+    timeout. ``on_exported`` runs on the exporter thread after each batch the destination accepted
+    (e.g. a call that sets what OTLP cannot carry). Counters: ``exported``, ``dropped`` (queue full:
+    oldest dropped), ``failed`` (rejected by the destination, or still failing after the retries).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoint: str,
+        mapper: SpanMapper,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        interval: float = DEFAULT_INTERVAL,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        compress: bool = True,
+        on_exported: Callable[[Sequence[SpanRecord]], None] | None = None,
+    ) -> None:
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {endpoint!r}")
+        self.name = name
+        self.endpoint = endpoint
+        self.mapper = mapper
+        self._url = url
+        self._headers = {"Content-Type": "application/x-protobuf", **(headers or {})}
+        if compress:
+            self._headers["Content-Encoding"] = "gzip"
+        self._compress = compress
+        self._queue: deque[SpanRecord] = deque(maxlen=max(1, max_queue))
+        self._batch_size = max(1, batch_size)
+        self._interval = max(0.001, interval)
+        self._timeout = timeout
+        self._retries = max(0, retries)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[threading.Event] = []
+        self._thread: threading.Thread | None = None
+        self._connection: http.client.HTTPConnection | None = None
+        self._warned: set[str] = set()
+        self._stuck = False
+        self._on_exported = on_exported
+        self.exported = 0
+        self.dropped = 0
+        self.failed = 0
+
+    # -- any thread, never blocks --------------------------------------------------------------
+
+    def submit(self, record: SpanRecord) -> None:
+        queue = self._queue
+        if len(queue) == queue.maxlen:
+            self.dropped += 1  # deque(maxlen) drops the oldest on append
+        queue.append(record)
+        if self._thread is None:
+            self._start()
+        elif len(queue) >= self._batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    # -- blocking ---------------------------------------------------------------------------------
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything submitted so far was sent (or given up); False on timeout."""
+        if self._thread is None or not self._thread.is_alive():
+            return not self._queue
+        done = threading.Event()
+        with self._lock:
+            self._waiters.append(done)
+        self._wake.set()
+        flushed = done.wait(max(timeout, 0.0))
+        self._stuck = not flushed
+        return flushed
+
+    def shutdown(self, timeout: float) -> bool:
+        """Flush (bounded by ``timeout``; not again when the last flush already timed out: the
+        destination is not answering), then stop the thread; later records are dropped."""
+        flushed = self.flush(0.0 if self._stuck else timeout)
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(max(0.0, min(timeout, 1.0)))
+        return flushed
+
+    # -- the exporter thread ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._stopping.is_set():
+                thread = threading.Thread(
+                    target=self._work, name=f"ambient-tracing-otlp-{self.name}", daemon=True
+                )
+                self._thread = thread
+                thread.start()
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            with self._lock:
+                waiters, self._waiters = self._waiters, []
+            self._send_all()
+            for waiter in waiters:
+                waiter.set()
+        self._close_connection()
+
+    def _send_all(self) -> None:
+        queue = self._queue
+        while queue and not self._stopping.is_set():
+            batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            try:
+                body, skipped = encode_counting(batch, self.mapper)
+            except Exception as exc:  # pragma: no cover - per-record errors are caught inside
+                self.failed += len(batch)
+                self._warn("encode", f"could not encode {len(batch)} spans: {exc!r}")
+                continue
+            if skipped:
+                self.failed += skipped
+                self._warn("encode", f"left out {skipped} spans that could not be encoded")
+            if self._compress:
+                body = gzip.compress(body, compresslevel=1, mtime=0)
+            if self._post(body):
+                self.exported += len(batch) - skipped
+                if self._on_exported is not None:
+                    try:
+                        self._on_exported(batch)
+                    except Exception as exc:
+                        self._warn("after-export", f"follow-up call failed: {exc!r}")
+            else:
+                self.failed += len(batch) - skipped
+
+    def _post(self, body: bytes) -> bool:
+        delay = 0.5
+        for attempt in range(self._retries + 1):
+            if attempt:
+                if self._stopping.wait(delay):
+                    return False
+                delay = min(delay * 2, 8.0)
+            try:
+                status, reason = self._request(body)
+            except (OSError, http.client.HTTPException) as exc:
+                self._close_connection()
+                self._warn("network", f"cannot reach {self.endpoint}: {exc!r}; retrying")
+                continue
+            if 200 <= status < 300:
+                return True
+            if status not in _RETRY_STATUSES:
+                self._warn(f"status-{status}", f"{self.endpoint} rejected spans: HTTP {status} {reason}")
+                return False
+            self._warn(f"status-{status}", f"{self.endpoint} answered HTTP {status}; retrying")
+        return False
+
+    def _request(self, body: bytes) -> tuple[int, str]:
+        connection = self._connection
+        if connection is None:
+            url = self._url
+            kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+            connection = kind(url.hostname or "", url.port, timeout=self._timeout)
+            self._connection = connection
+        path = self._url.path or "/"
+        if self._url.query:
+            path += "?" + self._url.query
+        connection.request("POST", path, body=body, headers=self._headers)
+        response = connection.getresponse()
+        response.read(1 << 20)  # drain (bounded) so the connection can be reused
+        if response.will_close or not response.isclosed():
+            self._close_connection()
+        return response.status, response.reason
+
+    def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # closing a broken socket
+                connection.close()
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("ambient-tracing: %s export: %s", self.name, message)
+
+
+def wait_all(exporters: Sequence[OtlpExporter], timeout: float) -> bool:
+    """Flush several exporters within one overall ``timeout``."""
+    deadline = time.monotonic() + timeout
+    return all([exporter.flush(deadline - time.monotonic()) for exporter in exporters])
