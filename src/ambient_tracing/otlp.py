@@ -42,7 +42,18 @@ DEFAULT_BATCH_SIZE = 512
 DEFAULT_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 3
+DEFAULT_RETRY_DELAY = 0.5  # doubled after each failed try, at most 8 s
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _Null:
+    """An attribute whose value is an empty ``AnyValue`` (decoded as null), not left out."""
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL: Any = _Null()
 
 
 class Scope(NamedTuple):
@@ -113,7 +124,8 @@ def _add_attributes(target: Any, attributes: Mapping[str, Any]) -> None:
                 entry.key = key
             except UnicodeEncodeError:
                 entry.key = valid_text(key)
-            set_any_value(entry.value, value)
+            if value is not NULL:
+                set_any_value(entry.value, value)
 
 
 def encode(records: Iterable[SpanRecord], mapper: SpanMapper) -> bytes:
@@ -172,7 +184,9 @@ class OtlpExporter:
     ``submit`` never blocks and never raises. ``flush`` and ``shutdown`` block, each bounded by its
     timeout. ``on_exported`` runs on the exporter thread after each batch the destination accepted
     (e.g. a call that sets what OTLP cannot carry). Counters: ``exported``, ``dropped`` (queue full:
-    oldest dropped), ``failed`` (rejected by the destination, or still failing after the retries).
+    oldest dropped; the first drop is logged), ``failed`` (rejected by the destination, or still
+    failing after the retries). A network error, 408, 429 or 5xx is retried ``retries`` times after
+    ``retry_delay`` seconds, doubling; any other status is final. Each try is bounded by ``timeout``.
     """
 
     def __init__(
@@ -187,6 +201,7 @@ class OtlpExporter:
         interval: float = DEFAULT_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
         compress: bool = True,
         on_exported: Callable[[Sequence[SpanRecord]], None] | None = None,
     ) -> None:
@@ -206,6 +221,7 @@ class OtlpExporter:
         self._interval = max(0.001, interval)
         self._timeout = timeout
         self._retries = max(0, retries)
+        self._retry_delay = max(0.0, retry_delay)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -225,6 +241,13 @@ class OtlpExporter:
         queue = self._queue
         if len(queue) == queue.maxlen:
             self.dropped += 1  # deque(maxlen) drops the oldest on append
+            if self.dropped == 1:
+                logger.warning(
+                    "ambient-tracing: %s export is behind (%d spans queued); dropping the oldest spans "
+                    "(counted in .dropped; not logged again)",
+                    self.name,
+                    queue.maxlen,
+                )
         queue.append(record)
         if self._thread is None:
             self._start()
@@ -308,7 +331,7 @@ class OtlpExporter:
                 self.failed += len(batch) - skipped
 
     def _post(self, body: bytes) -> bool:
-        delay = 0.5
+        delay = self._retry_delay
         for attempt in range(self._retries + 1):
             if attempt:
                 if self._stopping.wait(delay):

@@ -41,6 +41,7 @@ class SpanRecord:
         "end_ns",
         "error",
         "input",
+        "input_set",
         "kind",
         "model",
         "name",
@@ -74,6 +75,7 @@ class SpanRecord:
         self.kind = kind
         self.turn = turn
         self.input = input
+        self.input_set = False  # set_input was called (MLflow's SDK then stores even None)
         self.attributes = attributes
         self.start_ns = start_ns or time.time_ns()
         self.end_ns = 0
@@ -142,7 +144,9 @@ class RecordSpan:
 
     def set_input(self, input: Any) -> None:
         if not self._ended:
-            self._record.input = input
+            record = self._record
+            record.input = input
+            record.input_set = True
 
     def end(
         self,

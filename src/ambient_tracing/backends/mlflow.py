@@ -470,10 +470,11 @@ class _ChosenTraceIds(IdGenerator):
 
 
 class _TraceInfoWriter:
-    """Trace metadata that OTLP ingest cannot set (``user_name``, ``workflow_*``; the server derives only
-    session and user from spans): after a run's root span was exported, one ``StartTraceV3`` call per run that
-    has any, with the trace's info as MLflow's own client sends it (the server merges it). Runs on
-    the exporter thread; one try with a timeout, never retried."""
+    """Trace metadata that OTLP ingest cannot set (the server derives only session and user from
+    spans): after a run's root span was exported, one ``StartTraceV3`` call per trace with the info
+    MLflow's own client sends (the server merges it): the environment (``mlflow.user``,
+    ``mlflow.source.*``, git), the request/response previews (``mlflow.traceInputs``/``Outputs``),
+    ``user_name`` and ``workflow_*``. Runs on the exporter thread; one try with a timeout, never retried."""
 
     PATH = "/api/3.0/mlflow/traces"
 
@@ -482,23 +483,38 @@ class _TraceInfoWriter:
         self._experiment_id = experiment_id
         self._timeout = timeout
         self._headers = {"Content-Type": "application/json", **_auth_headers()}
+        self._environment: dict[str, str] | None = None
 
     def __call__(self, batch: Sequence[SpanRecord]) -> None:
         for record in batch:
-            if record.parent_id is None and (metadata := custom_metadata(record)):
-                self._write(record, metadata)
+            if record.parent_id is None:
+                self._write(record)
 
-    def _write(self, record: SpanRecord, custom: Mapping[str, str]) -> None:
+    def environment(self) -> dict[str, str]:
+        """What MLflow's tracer resolves once per process (user, source, git), as it does."""
+        if self._environment is None:
+            try:
+                from mlflow.tracing.utils.environment import resolve_env_metadata
+
+                self._environment = {str(k): str(v) for k, v in resolve_env_metadata().items()}
+            except Exception:  # an MLflow without it: the rest of the metadata still goes
+                self._environment = {}
+        return self._environment
+
+    def _write(self, record: SpanRecord) -> None:
         from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
         from mlflow.protos.service_pb2 import StartTraceV3
         from mlflow.utils.proto_json_utils import message_to_json
 
         turn = record.turn
         metadata = {
+            **self.environment(),
             TraceMetadataKey.TRACE_SESSION: turn.thread_id,
             TraceMetadataKey.TRACE_USER: turn.user_id,
             "mlflow.trace_schema.version": "3",
-            **custom,
+            **custom_metadata(record),
+            TraceMetadataKey.INPUTS: preview(record.input),
+            TraceMetadataKey.OUTPUTS: preview(record.output),
         }
         info = TraceInfo(
             trace_id=TRACE_ID_PREFIX + record.trace_id,
@@ -522,6 +538,20 @@ class _TraceInfoWriter:
                 raise RuntimeError(f"HTTP {response.status} from {self.PATH}")
         finally:
             connection.close()
+
+
+def preview(value: Any) -> str:
+    """A root's inputs or outputs as MLflow's tracer puts them in the trace metadata: its JSON
+    attribute form, cut to 250 characters ("" for none)."""
+    if value is None:
+        return ""
+    from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, TRUNCATION_SUFFIX
+    from mlflow.tracing.utils import dump_span_attribute_value
+
+    text = dump_span_attribute_value(value)
+    if len(text) > MAX_CHARS_IN_TRACE_INFO_METADATA:
+        text = text[: MAX_CHARS_IN_TRACE_INFO_METADATA - len(TRUNCATION_SUFFIX)] + TRUNCATION_SUFFIX
+    return text
 
 
 def _auth_headers() -> dict[str, str]:

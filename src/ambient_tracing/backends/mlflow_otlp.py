@@ -3,9 +3,10 @@
 An MLflow tracking server (3.6 and later) ingests OTLP/HTTP at ``{uri}/v1/traces`` (header
 ``x-mlflow-experiment-id``) and builds the trace from the spans: span type, inputs and outputs
 from ``mlflow.spanType`` / ``mlflow.spanInputs`` / ``mlflow.spanOutputs``, token usage summed from
-``mlflow.chat.tokenUsage``, trace tags from the root's ``mlflow.traceTag.<key>`` attributes, the
-session from ``session.id`` and the user from ``user.id``. :class:`MlflowMapper` writes those, so
-the trace looks as when the SDK made it. No SDK import: this runs on the OTLP exporter thread.
+``mlflow.chat.tokenUsage`` and trace tags from the root's ``mlflow.traceTag.<key>`` attributes.
+:class:`MlflowMapper` writes those; the trace metadata (session, user, previews, environment) follows
+in one ``StartTraceV3`` call per trace (backends/mlflow.py), so the trace looks as when the SDK made
+it. No SDK import: this runs on the OTLP exporter thread.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..otlp import STATUS_ERROR, STATUS_OK, Scope
+from ..otlp import NULL, STATUS_ERROR, STATUS_OK, Scope
 from ..records import SpanRecord
 from .base import SpanKind, TokenUsage
 
@@ -61,7 +62,7 @@ def context_metadata(attributes: Mapping[str, Any]) -> dict[str, str]:
 
 
 def custom_metadata(record: SpanRecord) -> dict[str, str]:
-    """A root's trace metadata beyond session and user (which OTLP ingest derives from spans)."""
+    """A root's trace metadata beyond session, user and previews: workflow_* and user_name."""
     metadata = context_metadata(record.attributes or {})
     if not record.standalone and record.turn.user_name:
         metadata["user_name"] = record.turn.user_name
@@ -107,7 +108,7 @@ def end_attributes(model: str | None, usage: Sequence[TokenUsage]) -> dict[str, 
 
 
 class MlflowMapper:
-    """Records to MLflow span attributes; the root carries the trace's tags, session and user."""
+    """Records to MLflow span attributes; the root carries the trace's tags."""
 
     def __init__(self, experiment_id: str) -> None:
         self.experiment_id = experiment_id
@@ -126,6 +127,8 @@ class MlflowMapper:
         attributes["mlflow.spanLogLevel"] = 10 if span_type == "CHAIN" else 20  # as MLflow 3.17 sets it
         if record.input is not None:
             attributes["mlflow.spanInputs"] = record.input
+        elif record.input_set:
+            attributes["mlflow.spanInputs"] = NULL  # as the SDK's set_inputs(None) stores it
         if record.output is not None:
             attributes["mlflow.spanOutputs"] = record.output
         attributes.update(record.end_attributes or {})
@@ -139,7 +142,7 @@ class MlflowMapper:
 
     @staticmethod
     def _trace_level(record: SpanRecord) -> dict[str, Any]:
-        """Root span: the turn's attributes, trace tags, and session/user (the trace's metadata)."""
+        """Root span: the turn's attributes and the trace tags."""
         turn = record.turn
         if record.standalone:
             source = (record.attributes or {}).get("source")
@@ -170,8 +173,6 @@ class MlflowMapper:
                 "ambient.user_name": turn.user_name,
                 "ambient.turn": turn.turn_number,
             }
-        attributes["session.id"] = turn.thread_id or None
-        attributes["user.id"] = turn.user_id
         tags["mlflow.traceName"] = record.name
         for key, value in tags.items():
             if value is not None:
