@@ -356,9 +356,18 @@ def test_a_bad_endpoint_is_refused_at_once(url: str) -> None:
 
 # -- one origin-style run, SDK path and OTLP path side by side -------------------------------------
 
-# Times, and the experiment (each path has its own).
+# Times, the experiment (each path has its own), and the root's session.id/user.id attributes (only
+# over OTLP: MLflow's ingest takes the trace's session and user from them).
 _VOLATILE = frozenset(
-    {"collected_at", "period_start", "period_end", "mlflow.spanStartTimeNs", "mlflow.experimentId"}
+    {
+        "collected_at",
+        "period_start",
+        "period_end",
+        "mlflow.spanStartTimeNs",
+        "mlflow.experimentId",
+        "session.id",
+        "user.id",
+    }
 )
 
 
@@ -416,13 +425,18 @@ def _mlflow_view(backend: MlflowBackend, trace_id: str) -> dict[str, Any]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=backend.tracking_uri)
-    run = wait_for_trace(backend.tracking_uri, trace_id, lambda t: len(t.data.spans) == 4)
+    complete = "mlflow.traceInputs"  # over OTLP, the trace metadata follows the spans
+    run = wait_for_trace(
+        backend.tracking_uri,
+        trace_id,
+        lambda t: len(t.data.spans) == 4 and complete in t.info.trace_metadata,
+    )
     found: list[Any] = []
     for _ in range(100):
         found = client.search_traces(
             locations=[backend.experiment_id or ""], filter_string="trace.name = 'Session Metrics'"
         )
-        if found:
+        if found and complete in found[0].info.trace_metadata:
             break
         time.sleep(0.1)
     [metrics] = found

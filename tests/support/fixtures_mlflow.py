@@ -117,20 +117,27 @@ def wait_for_trace(
     ready: Callable[[Any], bool] = lambda trace: True,
     timeout: float = 30.0,
 ) -> Any:
-    """``get_trace`` until the trace (bare hex or ``tr-`` id) is stored and ``ready(trace)``; bounded."""
+    """``get_trace`` until the trace (bare hex or ``tr-`` id) is stored and ``ready(trace)``; bounded.
+
+    Over OTLP the trace's metadata (previews, ``user_name``, ``workflow_*``) follows its spans in a
+    second call: a ready trace is also awaited (up to 5 s more) to have ``mlflow.traceInputs``."""
     from mlflow import MlflowClient
 
     from ambient_tracing.backends.mlflow import to_mlflow_trace_id
 
     client = MlflowClient(tracking_uri=tracking_uri)
     deadline = time.monotonic() + timeout
+    metadata_deadline: float | None = None
     while True:
         try:
             trace = client.get_trace(to_mlflow_trace_id(trace_id))
         except Exception:
             trace = None
         if trace is not None and ready(trace):
-            return trace
-        if time.monotonic() > deadline:
+            if metadata_deadline is None:
+                metadata_deadline = time.monotonic() + 5.0
+            if "mlflow.traceInputs" in trace.info.trace_metadata or time.monotonic() > metadata_deadline:
+                return trace
+        elif time.monotonic() > deadline:
             raise AssertionError(f"trace {trace_id} not in {tracking_uri} within {timeout} s")
         time.sleep(0.1)

@@ -3,10 +3,12 @@
 An MLflow tracking server (3.6 and later) ingests OTLP/HTTP at ``{uri}/v1/traces`` (header
 ``x-mlflow-experiment-id``) and builds the trace from the spans: span type, inputs and outputs
 from ``mlflow.spanType`` / ``mlflow.spanInputs`` / ``mlflow.spanOutputs``, token usage summed from
-``mlflow.chat.tokenUsage`` and trace tags from the root's ``mlflow.traceTag.<key>`` attributes.
-:class:`MlflowMapper` writes those; the trace metadata (session, user, previews, environment) follows
-in one ``StartTraceV3`` call per trace (backends/mlflow.py), so the trace looks as when the SDK made
-it. No SDK import: this runs on the OTLP exporter thread.
+``mlflow.chat.tokenUsage``, trace tags from the root's ``mlflow.traceTag.<key>`` attributes, the
+session from ``session.id`` and the user from ``user.id``. :class:`MlflowMapper` writes those; the
+rest of the trace metadata (previews, environment, ``user_name``, ``workflow_*``) follows in one
+``StartTraceV3`` call per trace (backends/mlflow.py), so the trace looks as when the SDK made it
+(the root span has ``session.id``/``user.id`` attributes besides). No SDK import: this runs on the
+OTLP exporter thread.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class MlflowMapper:
 
     @staticmethod
     def _trace_level(record: SpanRecord) -> dict[str, Any]:
-        """Root span: the turn's attributes and the trace tags."""
+        """Root span: the turn's attributes, the trace tags, session and user."""
         turn = record.turn
         if record.standalone:
             source = (record.attributes or {}).get("source")
@@ -173,6 +175,10 @@ class MlflowMapper:
                 "ambient.user_name": turn.user_name,
                 "ambient.turn": turn.turn_number,
             }
+        # Session and user as OTLP ingest reads them, so the trace has them from its first moment
+        # (the rest of its metadata follows in one StartTraceV3 call).
+        attributes["session.id"] = turn.thread_id or None
+        attributes["user.id"] = turn.user_id
         tags["mlflow.traceName"] = record.name
         for key, value in tags.items():
             if value is not None:
