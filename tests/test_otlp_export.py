@@ -448,9 +448,7 @@ def _mlflow_view(backend: MlflowBackend, trace_id: str) -> dict[str, Any]:
             "state": info.state.value,
             "tags": {k: v for k, v in info.tags.items() if k != "mlflow.artifactLocation"},
             "metadata": {
-                k: v
-                for k, v in info.trace_metadata.items()
-                if not k.startswith("mlflow.trace.size")
+                k: v for k, v in info.trace_metadata.items() if not k.startswith("mlflow.trace.size")
             },
             "token_usage": info.token_usage,
             "request": _preview(info.request_preview),
@@ -482,10 +480,16 @@ def _differences(ours: Any, theirs: Any, path: str = "") -> list[str]:
         return [
             difference
             for key in sorted(ours.keys() | theirs.keys(), key=str)
-            for difference in _differences(ours.get(key, "<missing>"), theirs.get(key, "<missing>"), f"{path}/{key}")
+            for difference in _differences(
+                ours.get(key, "<missing>"), theirs.get(key, "<missing>"), f"{path}/{key}"
+            )
         ]
     if isinstance(ours, list | tuple) and isinstance(theirs, list | tuple) and len(ours) == len(theirs):
-        return [d for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) for d in _differences(a, b, f"{path}[{i}]")]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True))
+            for d in _differences(a, b, f"{path}[{i}]")
+        ]
     return [] if ours == theirs else [f"{path}: otlp {ours!r} != sdk {theirs!r}"]
 
 
@@ -502,7 +506,7 @@ def _langfuse_view(spans: list[ReceivedSpan]) -> dict[str, Any]:
             if span.name == "Session Metrics" and key in attributes:
                 attributes[key] = _without_volatile(json.loads(attributes[key]))
         view[span.name] = (
-            by_id.get(span.parent_span_id or "", None),
+            by_id.get(span.parent_span_id or ""),
             span.status_code,
             span.status_message,
             attributes,
@@ -558,4 +562,10 @@ async def test_one_origin_run_is_stored_alike_over_otlp_and_through_the_sdks(
     assert run["token_usage"]["input_tokens"] == 100
     bash = otlp_langfuse_view["tool_Bash"]
     assert bash[0] == "llm_interaction" and bash[3]["langfuse.observation.level"] == "ERROR"
-    assert set(otlp_langfuse_view) == {"llm_interaction", "step_plan", "tool_Bash", "tool_Read", "Session Metrics"} - set()
+    assert set(otlp_langfuse_view) == {
+        "llm_interaction",
+        "step_plan",
+        "tool_Bash",
+        "tool_Read",
+        "Session Metrics",
+    }
