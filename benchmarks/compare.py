@@ -6,8 +6,10 @@ Each round runs, for each source tree in turn (order alternating by round), one 
 group of variants (``python -m benchmarks.compare --child``, PYTHONPATH = that tree's ``src``), on
 the same workload, with the same Langfuse receiver and ``mlflow server`` (child processes on
 127.0.0.1, whose CPU is not counted). MLflow's tracking URI is process-wide, so the sqlite and the
-server variants run in separate children, each with its own ``raw``. "Added" is the median over all
-repetitions of (variant - ``raw`` of the same repetition in the same child).
+server variants run in separate children, each with its own ``raw`` and ``mw-null``. "Added" is the
+median over all repetitions of (variant - ``raw`` of the same repetition in the same child);
+"tracing" is the same against ``mw-null`` (the middleware with a do-nothing backend): what building
+and exporting the spans costs, without the middleware's own parsing, which a loaded machine inflates.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .receivers import receiver
 
 GROUPS = (
     ("raw", "mw-null", "mw-langfuse", "mw-mlflow", "mw-both"),
-    ("raw", "mw-mlflow-server", "mw-both-server"),
+    ("raw", "mw-null", "mw-mlflow-server", "mw-both-server"),
 )
 CHILD_TIMEOUT = 1800.0
 
@@ -86,6 +88,7 @@ def main() -> None:
 
     trees = {"before": args.before, "after": args.after}
     added: dict[tuple[str, str, str], list[float]] = {}
+    tracing: dict[tuple[str, str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp_name, receiver("langfuse") as langfuse:
         tmp = Path(tmp_name)
         server = MlflowServer(tmp).start(timeout=600)
@@ -95,21 +98,25 @@ def main() -> None:
                 for label, src in order:
                     for group in GROUPS:
                         result = run_child(src, group, args.events, args.reps, tmp, server.url, langfuse)
-                        raw = result["raw"]
+                        raw, null = result["raw"], result["mw-null"]
                         for name in group[1:]:
                             for clock in ("loop", "process"):
-                                diffs = [v - r for v, r in zip(result[name][clock], raw[clock], strict=True)]
+                                values = result[name][clock]
+                                diffs = [v - r for v, r in zip(values, raw[clock], strict=True)]
                                 added.setdefault((label, name, clock), []).extend(diffs)
+                                diffs = [v - n for v, n in zip(values, null[clock], strict=True)]
+                                tracing.setdefault((label, name, clock), []).extend(diffs)
                         print(f"round {round_index + 1}: {label} {','.join(group)} done", file=sys.stderr)
         finally:
             server.stop()
-    names = [name for group in GROUPS for name in group[1:]]
+    names = list(dict.fromkeys(name for group in GROUPS for name in group[1:]))
     rows = [
         [
             name,
             *(
-                fmt(median(added.get((label, name, clock), [])))
+                fmt(median(figures.get((label, name, clock), [])))
                 for clock in ("loop", "process")
+                for figures in (added, tracing)
                 for label in trees
             ),
         ]
@@ -119,7 +126,11 @@ def main() -> None:
         "variant",
         "loop CPU added us/ev, before",
         "after",
+        "loop, tracing share (vs mw-null), before",
+        "after",
         "process CPU added us/ev (incl. export), before",
+        "after",
+        "process, tracing share (vs mw-null), before",
         "after",
     ]
     reps = args.rounds * args.reps

@@ -569,3 +569,25 @@ async def test_one_origin_run_is_stored_alike_over_otlp_and_through_the_sdks(
         "tool_Read",
         "Session Metrics",
     }
+
+
+async def test_aclose_sends_what_is_queued_within_flush_timeout(langfuse_receiver: LangfuseReceiver) -> None:
+    """With a batch interval far longer than the test, only aclose's flush can have sent the spans:
+    they are at the receiver when it returns, in well under ``flush_timeout``."""
+    backend = LangfuseBackend(
+        public_key="pk-c", secret_key="sk-c", host=langfuse_receiver.base_url, flush_interval=600
+    )
+    obs = Observability([backend], flush_timeout=10)
+    trace_id = _origin_run(obs)
+    assert backend.span_sink is not None and backend.span_sink.pending == 4  # nothing sent yet
+    started = time.monotonic()
+    await obs.aclose()
+    assert time.monotonic() - started < 10
+    spans = langfuse_receiver.spans  # no waiting: they arrived before aclose returned
+    assert sorted(span.name for span in spans if span.trace_id == trace_id) == [
+        "llm_interaction",
+        "step_plan",
+        "tool_Bash",
+        "tool_Read",
+    ]
+    assert backend.span_sink.exported >= 4 and backend.span_sink.pending == 0
