@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring
 from typing import Any
 
 from ..otlp import STATUS_ERROR, STATUS_UNSET, Scope
@@ -132,11 +133,16 @@ def usage_details(usage: Sequence[TokenUsage]) -> tuple[dict[str, int] | None, l
     return details or None, others
 
 
-def _json(value: Any, **options: Any) -> str:
+# Built once: json.dumps with any non-default option builds a new encoder on every call.
+_JSON = json.JSONEncoder(default=str)
+_COMPACT_JSON = json.JSONEncoder(default=str, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json(value: Any, encoder: json.JSONEncoder = _JSON) -> str:
     try:
-        return json.dumps(value, default=str, **options)
+        return encoder.encode(value)
     except (TypeError, ValueError):  # e.g. keys JSON cannot have: the text form rather than nothing
-        return json.dumps(str(value), **options)
+        return encoder.encode(str(value))
 
 
 def _serialize(value: Any) -> str | None:
@@ -149,8 +155,8 @@ def _serialize(value: Any) -> str | None:
 def _metadata_value(value: Any) -> str:
     """The SDK v5 metadata encoding: every value JSON-encoded, strings included."""
     if type(value) is str:
-        return json.dumps(value, ensure_ascii=False)
-    return _json(value, separators=(",", ":"), ensure_ascii=False)
+        return encode_basestring(value)  # what json.dumps(value, ensure_ascii=False) returns
+    return _json(value, _COMPACT_JSON)
 
 
 def trace_attributes(props: Mapping[str, Any]) -> dict[str, Any]:
