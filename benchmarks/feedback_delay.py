@@ -1,9 +1,17 @@
-"""How long a thumbs up takes to show on its trace in MLflow, with MLflow's default (batched) export.
+"""Feedback: ratings accepted per second, and time from POST to visible in each backend.
 
-    .venv/bin/python -m benchmarks.feedback_delay [--runs 5]
+    .venv/bin/python -m benchmarks.feedback_delay [--runs 5] [--ratings 400] [--concurrency 16]
 
-Each round: one AG-UI run through the middleware (sqlite store), then at once a rating without a
-trace id to the feedback endpoint, then ``get_trace`` every 50 ms until the assessment is there.
+One app served by uvicorn: MLflow (sqlite store, MLflow's default batched export) and Langfuse (the
+real SDK exporting to the loopback receiver), the feedback endpoint mounted as a route.
+
+* throughput: ``--ratings`` thumbs (distinct messages, so distinct ratings) on one known trace,
+  ``--concurrency`` at a time over HTTP; ratings answered ``recorded: true`` per second.
+* delay: ``--runs`` rounds of one AG-UI run, then at once a rating without a trace id, then polling
+  (every 20 ms) until the rating is on the run's trace in MLflow (an assessment) and in Langfuse (a
+  score with that trace id).
+
+Run it with ``PYTHONPATH=<checkout>/src`` to measure another checkout's code (before/after).
 """
 
 from __future__ import annotations
@@ -16,8 +24,11 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from . import common  # noqa: F401, I001 - puts the repository on sys.path for tests.support
 
 import httpx
 from mlflow import MlflowClient
@@ -25,55 +36,116 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
+from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.server import serve
 
+import ambient_tracing
 from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint
+from ambient_tracing.backends.langfuse import LangfuseBackend
 from ambient_tracing.backends.mlflow import MlflowBackend
 
-from . import common  # noqa: F401 - puts the repository on sys.path for tests.support
+USER = {"x-current-user-id": "bench-user"}
 
 
-async def measure(runs: int, root: Path) -> list[float]:
-    backend = MlflowBackend(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment_name="delay")
-    obs = Observability([backend], feedback_spool=root / "spool.jsonl")
+def _body(thread: str, trace_id: str | None, message: str) -> str:
+    payload: dict[str, Any] = {"messageId": message, "userId": "bench-user"}
+    if trace_id:
+        payload["traceId"] = trace_id
+    return json.dumps({"type": "META", "metaType": "thumbs_up", "threadId": thread, "payload": payload})
+
+
+async def _throughput(http: httpx.AsyncClient, url: str, ratings: int, concurrency: int) -> tuple[float, int]:
+    [trace_id] = (await post_run(url, run_input("tp-thread", "tp-run"), client=http)).trace_ids
+    gate = asyncio.Semaphore(concurrency)
+    recorded = 0
+
+    async def one(number: int) -> None:
+        nonlocal recorded
+        async with gate:
+            body = _body("tp-thread", trace_id, f"tp-message-{number}")
+            response = await http.post(f"{url}/feedback", content=body, headers=USER)
+            if response.status_code == 200 and response.json()["event"]["recorded"]:
+                recorded += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(number) for number in range(ratings)))
+    return recorded / (time.monotonic() - started), recorded
+
+
+async def _until(check: Any, deadline: float) -> float | None:
+    while time.monotonic() < deadline:
+        if await check():
+            return time.monotonic()
+        await asyncio.sleep(0.02)
+    return None
+
+
+async def measure(args: argparse.Namespace, root: Path, receiver: LangfuseReceiver) -> dict[str, Any]:
+    mlflow_side = MlflowBackend(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment_name="delay")
+    langfuse_side = LangfuseBackend(
+        public_key="pk-lf-bench", secret_key="sk-lf-bench", host=receiver.base_url, flush_interval=0.5
+    )
+    obs = Observability([mlflow_side, langfuse_side], feedback_spool=root / "spool" / "feedback.db")
     routes = [*agui_app().routes, Route("/feedback", feedback_endpoint(obs), methods=["POST"])]
-    client = MlflowClient(tracking_uri=backend.tracking_uri)
-    delays: list[float] = []
-    with serve(TracingMiddleware(Starlette(routes=routes), observability=obs), startup_timeout=120) as url:
+    client = MlflowClient(tracking_uri=mlflow_side.tracking_uri)
+    mlflow_delays: list[float] = []
+    langfuse_delays: list[float] = []
+    app = TracingMiddleware(Starlette(routes=routes), observability=obs)
+    with serve(app, startup_timeout=120) as url:
         async with httpx.AsyncClient(timeout=30) as http:
-            for number in range(runs):
+            rate, recorded = await _throughput(http, url, args.ratings, args.concurrency)
+            print(f"throughput: {recorded}/{args.ratings} recorded, {rate:.0f} ratings/s", flush=True)
+            for number in range(args.runs):
                 thread = f"thread-{number}"
                 [trace_id] = (await post_run(url, run_input(thread, f"run-{number}"), client=http)).trace_ids
                 sent = time.monotonic()
-                body = {"type": "META", "metaType": "thumbs_up", "threadId": thread, "payload": {}}
-                await http.post(f"{url}/feedback", content=json.dumps(body))
-                deadline = sent + 120
-                while time.monotonic() < deadline:
+                await http.post(f"{url}/feedback", content=_body(thread, None, "m"), headers=USER)
+
+                async def in_mlflow(trace_id: str = trace_id) -> bool:
                     try:
                         trace = await asyncio.to_thread(client.get_trace, f"tr-{trace_id}")
-                        if trace.info.assessments:
-                            break
                     except Exception:
-                        pass
-                    await asyncio.sleep(0.05)
-                else:
-                    raise RuntimeError("the rating did not arrive within 120 s")
-                delays.append(time.monotonic() - sent)
-                print(f"run {number}: rating visible in MLflow after {delays[-1]:.2f} s", flush=True)
+                        return False
+                    return bool(trace.info.assessments)
+
+                async def in_langfuse(trace_id: str = trace_id) -> bool:
+                    return any(score.get("traceId") == trace_id for score in receiver.scores)
+
+                deadline = sent + 120
+                seen_langfuse, seen_mlflow = await asyncio.gather(
+                    _until(in_langfuse, deadline), _until(in_mlflow, deadline)
+                )
+                if seen_langfuse is None or seen_mlflow is None:
+                    raise RuntimeError("the rating did not arrive in both backends within 120 s")
+                langfuse_delays.append(seen_langfuse - sent)
+                mlflow_delays.append(seen_mlflow - sent)
+                print(
+                    f"run {number}: visible in Langfuse after {langfuse_delays[-1]:.2f} s, "
+                    f"in MLflow after {mlflow_delays[-1]:.2f} s",
+                    flush=True,
+                )
     await obs.aclose()
-    return delays
+    return {"rate": rate, "recorded": recorded, "mlflow": mlflow_delays, "langfuse": langfuse_delays}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--ratings", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root:
-        delays = asyncio.run(measure(args.runs, Path(root)))
-    print(
-        f"\n| runs | median | min | max |\n|---|---|---|---|\n"
-        f"| {len(delays)} | {statistics.median(delays):.2f} s | {min(delays):.2f} s | {max(delays):.2f} s |"
-    )
+    print(f"code under test: {ambient_tracing.__file__}")
+    with tempfile.TemporaryDirectory() as root, LangfuseReceiver() as receiver:
+        result = asyncio.run(measure(args, Path(root), receiver))
+    rows = [
+        ("accepted ratings/s", f"{result['rate']:.0f} ({result['recorded']}/{args.ratings} recorded)"),
+        ("POST -> Langfuse, median", f"{statistics.median(result['langfuse']):.2f} s"),
+        ("POST -> MLflow, median", f"{statistics.median(result['mlflow']):.2f} s"),
+        ("POST -> MLflow, min / max", f"{min(result['mlflow']):.2f} / {max(result['mlflow']):.2f} s"),
+    ]
+    print("\n| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +43,12 @@ def rating(kind: str = "thumbs_up", thread_id: str | None = None, **payload: Any
     return body
 
 
-async def post_feedback(url: str, body: Any) -> httpx.Response:
+async def post_feedback(url: str, body: Any, user: str | None = "alice") -> httpx.Response:
+    """POST a rating as ``user`` (the user header the app identifies callers by; None: anonymous)."""
+    headers = {"x-current-user-id": user} if user else {}
     async with httpx.AsyncClient(timeout=30) as client:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return await client.post(f"{url}/feedback", content=content)
+        return await client.post(f"{url}/feedback", content=content, headers=headers)
 
 
 def assessments(trace: Any, name: str = "user-feedback") -> list[Any]:
@@ -65,7 +66,7 @@ async def test_thumbs_up_after_a_run_lands_on_its_trace_in_both_backends(
     tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
-    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "feedback.db")
     with serve(app_with_feedback(obs)) as url:
         [trace_id] = (await post_run(url, run_input("thread-f", "run-f"))).trace_ids
         sent = time.monotonic()
@@ -87,16 +88,16 @@ async def test_thumbs_up_after_a_run_lands_on_its_trace_in_both_backends(
     [feedback] = assessments(trace)
     assert feedback.value is True
     assert feedback.source.source_type == "HUMAN" and feedback.source.source_id == "alice"
-    assert feedback.rationale == "great\n\nReason: accurate"
+    assert feedback.rationale == "great\nReason: accurate"
     assert feedback.metadata["messageId"] == "m-1" and feedback.metadata["project"] == "proj"
 
     [score] = langfuse_receiver.wait_for_scores(1)
     assert score["traceId"] == trace_id and score["name"] == "user-feedback"
     assert score["dataType"] == "BOOLEAN" and score["value"] == 1
-    assert score["comment"] == "great\n\nReason: accurate"
+    assert score["comment"] == "great\nReason: accurate"  # the origin runner's format
     assert score["metadata"]["feedbackType"] == "thumbs_up" and score["metadata"]["session"] == "s"
     await obs.aclose()
-    assert not (tmp_path / "spool.jsonl").exists()
+    assert obs.ratings.counts() == {"waiting": 0, "set_aside": 0, "deliveries": 0}
     print(f"rating -> visible in MLflow: {delay:.2f} s")
 
 
@@ -105,7 +106,7 @@ async def test_a_trace_id_in_either_form_is_used_as_given(
     form: str, tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
-    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "feedback.db")
     with serve(app_with_feedback(obs)) as url:
         [first] = (await post_run(url, run_input("thread-x", "run-1"))).trace_ids
         [_second] = (await post_run(url, run_input("thread-x", "run-2"))).trace_ids
@@ -125,24 +126,31 @@ async def test_twice_is_one_rating_and_a_changed_mind_replaces_it(
     tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
-    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "feedback.db")
     with serve(app_with_feedback(obs)) as url:
         [trace_id] = (await post_run(url, run_input("thread-d", "run-d"))).trace_ids
         await asyncio.to_thread(wait_for_trace, mlflow_side.tracking_uri, trace_id)
         for kind in ("thumbs_up", "thumbs_up"):
             assert (await post_feedback(url, rating(kind, thread_id="thread-d"))).status_code == 200
-        wait_until(lambda: obs.ratings.pending == 0)
+            wait_until(lambda: obs.ratings.pending == 0)
         trace = wait_for_trace(mlflow_side.tracking_uri, trace_id, lambda t: bool(assessments(t)))
         assert [a.value for a in assessments(trace)] == [True]
 
-        await post_feedback(url, rating("thumbs_down", thread_id="thread-d"))
+        for _ in range(5):  # a changed mind, again and again
+            for kind in ("thumbs_down", "thumbs_up"):
+                await post_feedback(url, rating(kind, thread_id="thread-d", comment=f"now {kind}"))
+                wait_until(lambda: obs.ratings.pending == 0)
+        await post_feedback(url, rating("thumbs_down", thread_id="thread-d", comment="final"))
         wait_until(lambda: obs.ratings.pending == 0)
     trace = wait_for_trace(mlflow_side.tracking_uri, trace_id, lambda t: assessments(t)[0].value is False)
-    assert [a.value for a in assessments(trace)] == [False]  # the earlier one is overridden
+    assert [a.value for a in assessments(trace)] == [False]
+    # One assessment in the store, updated in place: no row per flip, the comment kept.
+    [only] = trace.info.assessments
+    assert only.rationale == "final" and only.source.source_id == "alice"
 
-    scores = langfuse_receiver.wait_for_scores(3)
+    scores = langfuse_receiver.wait_for_scores(13)
     assert len({score["id"] for score in scores}) == 1  # one score id: Langfuse upserts it
-    assert [score["value"] for score in scores] == [1, 1, 0]
+    assert [score["value"] for score in scores][:2] == [1, 1] and scores[-1]["value"] == 0
     await obs.aclose()
 
 
@@ -150,10 +158,12 @@ async def test_a_correction_is_an_expectation_in_mlflow_and_a_correction_score_i
     tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
-    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "feedback.db")
     with serve(app_with_feedback(obs)) as url:
         [trace_id] = (await post_run(url, run_input("thread-c", "run-c"))).trace_ids
-        body = rating("correction", thread_id="thread-c", correction="The answer is 43.")
+        body = rating(
+            "correction", thread_id="thread-c", correction="The answer is 43.", comment="off by one"
+        )
         assert (await post_feedback(url, body)).status_code == 200
     trace = await asyncio.to_thread(
         wait_for_trace,
@@ -161,16 +171,18 @@ async def test_a_correction_is_an_expectation_in_mlflow_and_a_correction_score_i
         trace_id,
         lambda t: bool(assessments(t, "user-correction")),
     )
-    assert assessments(trace, "user-correction")[0].value == "The answer is 43."
+    [correction] = assessments(trace, "user-correction")
+    assert correction.value == "The answer is 43." and correction.metadata["comment"] == "off by one"
     [score] = langfuse_receiver.wait_for_scores(1)
     assert score["dataType"] == "CORRECTION" and score["value"] == "The answer is 43."
+    assert score["comment"] == "off by one"
     await obs.aclose()
 
 
 async def test_without_any_trace_langfuse_gets_a_session_score_and_mlflow_is_skipped(
     tmp_path: Path, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
-    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "feedback.db")
     with serve(app_with_feedback(obs)) as url:
         response = await post_feedback(url, rating(thread_id="never-ran"))
     event = response.json()["event"]
@@ -184,13 +196,13 @@ async def test_a_rating_sent_to_another_replica_finds_the_trace_in_mlflow(
     tmp_path: Path, mlflow_backend: Any
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
-    producer = Observability([mlflow_side], feedback_spool=tmp_path / "a.jsonl")
+    producer = Observability([mlflow_side], feedback_spool=tmp_path / "a.db")
     with serve(TracingMiddleware(agui_app(), observability=producer)) as url:
         [trace_id] = (await post_run(url, run_input("thread-r", "run-r"))).trace_ids
     await producer.aclose()
     await asyncio.to_thread(wait_for_trace, mlflow_side.tracking_uri, trace_id)
 
-    other_replica = Observability([mlflow_side], feedback_spool=tmp_path / "b.jsonl")
+    other_replica = Observability([mlflow_side], feedback_spool=tmp_path / "b.db")
     with serve(app_with_feedback(other_replica)) as url:
         event = (await post_feedback(url, rating(thread_id="thread-r"))).json()["event"]
     assert event["traceId"] is None and event["backends"] == ["mlflow"]  # resolved in the background
@@ -206,7 +218,7 @@ async def test_a_rating_pending_while_mlflow_is_down_is_delivered_when_it_is_bac
     try:
         backend = MlflowBackend(tracking_uri=server.url, experiment_name="outage")
         await asyncio.to_thread(backend.setup)
-        obs = Observability([backend], feedback_spool=tmp_path / "spool.jsonl")
+        obs = Observability([backend], feedback_spool=tmp_path / "feedback.db")
         with serve(app_with_feedback(obs)) as url:
             [trace_id] = (await post_run(url, run_input("thread-o", "run-o"))).trace_ids
             await asyncio.to_thread(wait_for_trace, server.url, trace_id)
@@ -225,53 +237,6 @@ async def test_a_rating_pending_while_mlflow_is_down_is_delivered_when_it_is_bac
         server.stop()
 
 
-_FIRST_PROCESS = """
-import asyncio, sys
-from pathlib import Path
-from ambient_tracing import Observability, parse_feedback
-from ambient_tracing.backends.langfuse import LangfuseBackend
-
-async def main() -> None:
-    backend = LangfuseBackend(public_key="pk-lf-a", secret_key="sk-lf-a", host=sys.argv[1], timeout=2)
-    obs = Observability([backend], feedback_spool=Path(sys.argv[2]), flush_timeout=2)
-    await obs.start()
-    print(obs.submit_rating(parse_feedback(sys.argv[3].encode())))
-    await obs.aclose()  # Langfuse answers 503: the rating goes to the spool
-
-asyncio.run(main())
-"""
-
-
-async def test_a_spooled_rating_is_delivered_by_the_next_process(
-    tmp_path: Path, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
-) -> None:
-    spool = tmp_path / "spool.jsonl"
-    langfuse_receiver.mode = "503"
-    body = json.dumps(rating(thread_id="thread-s", traceId="ab" * 16))
-    first = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _FIRST_PROCESS,
-        langfuse_receiver.base_url,
-        str(spool),
-        body,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    output, _ = await asyncio.wait_for(first.communicate(), timeout=60)
-    assert first.returncode == 0 and b"['langfuse']" in output
-    [line] = spool.read_text().splitlines()
-    assert json.loads(line)["trace_id"] == "ab" * 16
-    assert langfuse_receiver.scores == []
-
-    langfuse_receiver.mode = "ok"
-    second = Observability([langfuse_backend()], feedback_spool=spool)
-    await second.start()  # claims the spool and delivers it
-    [score] = langfuse_receiver.wait_for_scores(1)
-    assert score["traceId"] == "ab" * 16 and score["value"] == 1
-    await second.aclose()
-    assert not spool.exists() and not list(tmp_path.glob("spool.jsonl.*"))
-
-
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
@@ -284,6 +249,27 @@ async def test_a_spooled_rating_is_delivered_by_the_next_process(
         ({"type": "META", "metaType": "thumbs_up", "payload": {"traceId": 7}}, 400, "traceId"),
         ({"type": "META", "metaType": "correction", "payload": {}}, 400, "correction"),
         (b"{" + b'"x": "' + b"a" * 300_000 + b'"}', 413, "KiB"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        (
+            b'{"type": "META", "metaType": "thumbs_up", "payload": {"x": '
+            + b"[" * 5000
+            + b"]" * 5000
+            + b"}}",
+            400,
+            "nested",
+        ),
+        (b'{"type": "META", "metaType": "thumbs_up", "payload": {"x": NaN}}', 400, "NaN"),
+        (b'{"type": "META", "metaType": "thumbs_up", "payload": {"x": -Infinity}}', 400, "-Infinity"),
+        (b'{"type": "META", "metaType": "thumbs_up", "payload": {"comment": "\\ud800"}}', 400, "surrogate"),
+        (b'{"type": "META", "metaType": "thumbs_up", "threadId": "\\udfff"}', 400, "surrogate"),
+        (b'{"type": "META", "metaType": "thumbs_up", "payload": {"comment": "\xff\xfe"}}', 400, "UTF-8"),
+        ({"type": "META", "metaType": "thumbs_up", "threadId": "t" * 1001, "payload": {}}, 400, "threadId"),
+        ({"type": "META", "metaType": "thumbs_up", "threadId": ["t"], "payload": {}}, 400, "threadId"),
+        (
+            b'{"type": "META", "metaType": "thumbs_up", "payload": {"x": 1' + b"0" * 5000 + b"}}",
+            400,
+            "not JSON",
+        ),
     ],
 )
 async def test_bad_feedback_gets_a_clear_client_error(body: Any, status: int, message: str) -> None:
@@ -291,12 +277,12 @@ async def test_bad_feedback_gets_a_clear_client_error(body: Any, status: int, me
     obs = Observability([backend])
     with serve(app_with_feedback(obs)) as url:
         response = await post_feedback(url, body)
-    assert response.status_code == status
+    assert response.status_code == status, response.text
     assert message in response.json()["error"]
 
 
 async def test_unknown_fields_are_ignored_and_long_strings_cut(langfuse_backend: Any, tmp_path: Path) -> None:
-    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "feedback.db")
     body = rating(thread_id="t", comment="x" * 10_000, surprise={"deep": [1, 2]})
     body["unexpected"] = True
     with serve(app_with_feedback(obs)) as url:
@@ -309,7 +295,7 @@ async def test_unknown_fields_are_ignored_and_long_strings_cut(langfuse_backend:
 
 async def test_authorize_hook_and_cross_thread_trace_ids_are_refused(tmp_path: Path) -> None:
     backend = RecordingBackend()
-    obs = Observability([backend], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([backend], feedback_spool=tmp_path / "feedback.db")
 
     def authorize(request: Request, thread_id: str | None) -> bool:
         return request.headers.get("x-user") == "owner" or thread_id == "open-thread"
@@ -335,15 +321,15 @@ async def test_authorize_hook_and_cross_thread_trace_ids_are_refused(tmp_path: P
 async def test_the_middleware_serves_the_endpoint_at_feedback_path(
     tmp_path: Path, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
-    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "spool.jsonl")
+    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "feedback.db")
     app = TracingMiddleware(agui_app(), observability=obs, feedback_path="/feedback")
     with serve(app) as url:
         [trace_id] = (await post_run(url, run_input("thread-p", "run-p"))).trace_ids
         response = await post_feedback(url, rating(thread_id="thread-p"))
         async with httpx.AsyncClient() as client:
-            wrong_method = await client.get(f"{url}/feedback")
+            other_method = await client.get(f"{url}/feedback")
     assert response.status_code == 200 and response.json()["event"]["traceId"] == trace_id
-    assert wrong_method.status_code == 405
+    assert other_method.status_code == 404  # not ours: the app answers it
     [score] = langfuse_receiver.wait_for_scores(1)
     assert score["traceId"] == trace_id
     await obs.aclose()
@@ -357,7 +343,7 @@ async def test_no_secret_or_host_credential_in_answers_or_logs(
     langfuse_receiver.mode = "503"
     host = langfuse_receiver.base_url.replace("http://", "http://admin:hunter2@")
     backend = LangfuseBackend(public_key="pk-lf-x", secret_key="sk-lf-very-secret", host=host, timeout=2)
-    obs = Observability([backend], feedback_spool=tmp_path / "spool.jsonl", flush_timeout=2)
+    obs = Observability([backend], feedback_spool=tmp_path / "feedback.db", flush_timeout=2)
     caplog.set_level(logging.DEBUG, logger="ambient_tracing")
     with serve(app_with_feedback(obs)) as url:
         response = await post_feedback(url, rating(thread_id="t", traceId="cd" * 16))

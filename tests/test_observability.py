@@ -11,7 +11,7 @@ import pytest
 
 import ambient_tracing.observability as observability_module
 from ambient_tracing import Observability, Rating
-from ambient_tracing.backends.base import RatingRejected
+from ambient_tracing.backends.base import RatingRejected, TraceNotStored
 from ambient_tracing.delivery import RatingDelivery
 from tests.support.recording_backend import RecordedSpan as RecordedSpanType
 from tests.support.recording_backend import RecordingBackend
@@ -74,46 +74,47 @@ async def test_a_backend_down_at_startup_is_set_up_once_it_is_back(monkeypatch: 
 def test_delivery_retries_until_the_sink_is_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("ambient_tracing.delivery.FIRST_RETRY_SECONDS", 0.01)
     sink = Sink(up=False)
-    delivery = RatingDelivery([sink], spool=tmp_path / "spool.jsonl")
-    delivery.start()
-    assert delivery.submit(a_rating()) == ["sink"]
+    delivery = RatingDelivery([sink], spool=tmp_path / "feedback.db")
+    assert delivery.submit(a_rating()).result(10) == ["sink"]  # committed
     time.sleep(0.2)
     assert sink.stored == [] and delivery.pending == 1
     sink.up = True
     wait_until(lambda: delivery.pending == 0)
     assert [r.trace_id for r in sink.stored] == ["ab" * 16]
     delivery.close(1)
-    assert not (tmp_path / "spool.jsonl").exists()
+    assert delivery.counts() == {"waiting": 0, "set_aside": 0, "deliveries": 0}
 
 
-def test_a_rejected_rating_is_dropped_and_one_without_trace_skips_trace_sinks(tmp_path: Path) -> None:
+def test_a_rejected_rating_is_set_aside_and_one_without_trace_skips_trace_sinks(tmp_path: Path) -> None:
     rejecting = Sink(reject=True)
-    delivery = RatingDelivery([rejecting], spool=tmp_path / "spool.jsonl")
-    delivery.start()
-    delivery.submit(a_rating())
-    assert delivery.submit(a_rating(trace_id=None)) == []  # no trace, no way to find one
+    delivery = RatingDelivery([rejecting], spool=tmp_path / "feedback.db")
+    delivery.submit(a_rating()).result(10)
+    assert delivery.submit(a_rating(trace_id=None)).result(10) == []  # no trace, no way to find one
     wait_until(lambda: delivery.pending == 0)
     delivery.close(1)
-    assert not (tmp_path / "spool.jsonl").exists()
+    assert delivery.counts()["set_aside"] == 1  # kept, not retried
 
 
-def test_past_the_retry_window_a_rating_is_spooled_not_lost(
+def test_a_rating_whose_trace_is_never_stored_is_set_aside_after_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("ambient_tracing.delivery.FIRST_RETRY_SECONDS", 0.01)
-    spool = tmp_path / "spool.jsonl"
-    delivery = RatingDelivery([Sink(up=False)], spool=spool, retry_seconds=0.05)
-    delivery.start()
-    delivery.submit(a_rating())
-    wait_until(lambda: spool.exists())
-    assert Rating.from_json(spool.read_text().splitlines()[0]).trace_id == "ab" * 16
+
+    class NoTrace(Sink):
+        def deliver_rating(self, rating: Rating) -> None:
+            raise TraceNotStored(rating.trace_id)
+
+    delivery = RatingDelivery([NoTrace()], spool=tmp_path / "feedback.db", trace_wait_seconds=0.3)
+    delivery.submit(a_rating()).result(10)
+    wait_until(lambda: delivery.counts()["set_aside"] == 1)
+    assert delivery.pending == 0
     delivery.close(1)
 
 
-def test_spools_of_dead_processes_are_claimed_and_bad_lines_skipped(tmp_path: Path) -> None:
-    spool = tmp_path / "spool.jsonl"
+def test_old_json_lines_spools_are_imported_once_and_bad_lines_set_aside(tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"  # AMBIENT_FEEDBACK_SPOOL pointing at an old JSON-lines spool
     spool.write_text(a_rating().to_json() + "\nnot json\n" + json.dumps({"kind": "nope"}) + "\n")
-    dead = tmp_path / "spool.jsonl.999999999.1.claimed"  # a pid that cannot exist
+    dead = tmp_path / "spool.jsonl.999999999.1.claimed"  # claimed by a pid that cannot exist
     dead.write_text(a_rating("cd" * 16).to_json() + "\n")
     alive = tmp_path / f"spool.jsonl.{os.getppid()}.1.claimed"  # a live process owns this one
     alive.write_text(a_rating("ef" * 16).to_json() + "\n")
@@ -123,20 +124,28 @@ def test_spools_of_dead_processes_are_claimed_and_bad_lines_skipped(tmp_path: Pa
     wait_until(lambda: len(sink.stored) == 2)
     delivery.close(1)
     assert sorted(r.trace_id for r in sink.stored) == ["ab" * 16, "cd" * 16]
-    assert alive.exists() and not dead.exists() and not spool.exists()
+    assert alive.exists() and not dead.exists()
+    assert spool.read_bytes().startswith(b"SQLite format 3")
+    assert delivery.counts() == {"waiting": 0, "set_aside": 2, "deliveries": 0}
+    again = RatingDelivery([sink], spool=spool)
+    again.start()
+    time.sleep(0.3)
+    again.close(1)
+    assert len(sink.stored) == 2  # imported once
 
 
-def test_close_spools_what_is_still_pending(tmp_path: Path) -> None:
-    spool = tmp_path / "spool.jsonl"
+def test_close_keeps_what_is_pending_for_the_next_start(tmp_path: Path) -> None:
+    spool = tmp_path / "feedback.db"
     delivery = RatingDelivery([Sink(up=False)], spool=spool)
-    delivery.start()
     for trace in ("ab", "cd"):
-        delivery.submit(a_rating(trace * 16))
+        delivery.submit(a_rating(trace * 16)).result(10)
     delivery.close(0.5)
-    assert sorted(Rating.from_json(line).trace_id for line in spool.read_text().splitlines()) == [
-        "ab" * 16,
-        "cd" * 16,
-    ]
+    sink = Sink()
+    later = RatingDelivery([sink], spool=spool)
+    later.start()
+    wait_until(lambda: len(sink.stored) == 2)
+    later.close(1)
+    assert sorted(r.trace_id for r in sink.stored) == ["ab" * 16, "cd" * 16]
 
 
 def test_the_spool_location_comes_from_the_environment() -> None:

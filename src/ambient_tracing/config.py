@@ -10,11 +10,12 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, UNKNOWN
+from .spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, Limits
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -48,8 +49,10 @@ class TracingConfig:
     mlflow: MlflowSettings | None = None
     runner_type: str = DEFAULT_RUNNER_TYPE
     mask_messages: bool = True
-    #: Where undelivered ratings wait for the next start (None: :func:`default_spool_path`).
+    #: The durable rating queue, a SQLite file (None: :func:`default_spool_path`).
     feedback_spool: Path | None = None
+    #: Bounds of that queue (``AMBIENT_FEEDBACK_MAX_ROWS``, ``AMBIENT_FEEDBACK_MAX_BYTES``).
+    feedback_limits: Limits = field(default_factory=Limits)
     # Seconds without activity after which a thread's Session Metrics are emitted; None: only on
     # end_session and at shutdown.
     session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS
@@ -71,6 +74,10 @@ class TracingConfig:
             runner_type=runner_type_slug(env.get("RUNNER_TYPE", "")),
             mask_messages=_flag(env, "LANGFUSE_MASK_MESSAGES", default=True),
             feedback_spool=Path(spool) if (spool := env.get("AMBIENT_FEEDBACK_SPOOL", "").strip()) else None,
+            feedback_limits=Limits(
+                max_rows=_count(env, "AMBIENT_FEEDBACK_MAX_ROWS", DEFAULT_MAX_ROWS),
+                max_bytes=_count(env, "AMBIENT_FEEDBACK_MAX_BYTES", DEFAULT_MAX_BYTES),
+            ),
             session_idle_seconds=_seconds(env, "SESSION_METRICS_IDLE_SECONDS", DEFAULT_SESSION_IDLE_SECONDS)
             or None,
             namespace=_label(env.get("AGENTIC_SESSION_NAMESPACE", "")) or None,
@@ -134,9 +141,24 @@ _CREDENTIALS = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 def default_spool_path() -> Path:
-    """``$XDG_STATE_HOME/ambient-tracing/feedback-spool.jsonl`` (``~/.local/state`` when unset)."""
+    """``$XDG_STATE_HOME/ambient-tracing/feedback.db`` (``~/.local/state`` when unset)."""
+    return legacy_spool_path().with_name("feedback.db")
+
+
+def legacy_spool_path() -> Path:
+    """Where earlier versions kept their JSON-lines spool by default (imported once)."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "ambient-tracing" / "feedback-spool.jsonl"
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    logger.warning("ambient-tracing: %s=%r is not a positive whole number; using %d", name, raw, default)
+    return default
 
 
 def runner_type_slug(value: str) -> str:

@@ -1,268 +1,282 @@
-"""Delivers ratings to the backends from one worker thread: retried with backoff, spooled at shutdown.
+"""Delivers ratings from the durable queue (:mod:`.spool`) to the backends, each on its own thread.
 
-A rating the endpoint accepted is never dropped silently. It is retried (the backend is down, MLflow
-has not stored the trace yet) for ``retry_seconds``; what is still pending then, or at :meth:`close`,
-is appended to a JSON-lines spool file that the next :meth:`start` delivers. Backends record ratings
-idempotently (a fixed id per trace, message, user and name), so delivering one twice is harmless.
+The endpoint hands a rating to :meth:`RatingDelivery.submit`; one writer thread commits it to the
+SQLite queue (batching whatever arrived meanwhile into one transaction) and only then resolves the
+future the endpoint awaits, so ``recorded: true`` means on disk. One thread per backend then claims
+due deliveries (a lease, so processes sharing the file deliver each once), records them and forgets
+them. A backend that is down or slow delays only its own deliveries.
 
-Several processes may share a spool: each claims the file by renaming it before reading it.
+Retries: backend errors are retried with backoff (capped at ``MAX_RETRY_INTERVAL``) for as long as it
+takes; a trace that is not stored is waited for ``trace_wait_seconds`` after the rating, then the
+rating is set aside. Ratings whose owner could not be checked when they came are checked here before
+anything is sent. Memory: at most ``CLAIM_BATCH`` ratings per backend are held at a time (each at most
+~``MAX_BODY_BYTES``), plus the writer's queue of not yet committed ones (``MAX_WAITING_WRITES``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
-import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from pathlib import Path
 
-try:
-    from fcntl import LOCK_EX, flock
-except ImportError:  # pragma: no cover - Windows: appends are not locked against other processes
-    flock = None  # type: ignore[assignment]
-
-from .backends.base import RatingRejected, RatingSink, TraceFinder
+from .backends.base import RatingRejected, RatingSink, TraceNotStored
+from .owners import TraceOwners
 from .ratings import Rating
+from .spool import Claimed, Limits, RatingStore, StoreFull, import_old_spools, owner_id
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 FIRST_RETRY_SECONDS = 1.0
 #: Retries at a steady pace first: MLflow stores a trace ~5 s after its run, then says "not found".
 STEADY_ATTEMPTS = 10
 MAX_RETRY_INTERVAL = 30.0
-DEFAULT_RETRY_SECONDS = 600.0
-MAX_PENDING = 10_000
+#: How long after a rating its trace may take to be stored before the rating is set aside.
+DEFAULT_TRACE_WAIT_SECONDS = 120.0
+#: A backend thread looks for work (e.g. from other processes) at least this often.
+POLL_SECONDS = 1.0
+CLAIM_BATCH = 16
+WRITE_BATCH = 64
+MAX_WAITING_WRITES = 2_000
 
-
-@dataclass(slots=True)
-class _Job:
-    rating: Rating
-    pending: set[str]
-    resolved: bool = False
-    attempts: int = 0
-    first_try: float = field(default_factory=time.monotonic)
+_Write = tuple[Rating, list[str], bool, "str | None", "Future[list[str]]"]
 
 
 class RatingDelivery:
-    """A queue of ratings and the thread that records them in every sink."""
+    """The durable queue of ratings and the threads that record them in every sink."""
 
     def __init__(
         self,
         sinks: Sequence[RatingSink],
         *,
-        finders: Sequence[TraceFinder] = (),
-        spool: Path | None = None,
-        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        owners: TraceOwners | None = None,
+        spool: Path,
+        limits: Limits | None = None,
+        trace_wait_seconds: float = DEFAULT_TRACE_WAIT_SECONDS,
+        legacy_spools: Sequence[Path] = (),
     ) -> None:
         self.sinks = {sink.name: sink for sink in sinks}
         self.spool = spool
-        self.retry_seconds = retry_seconds
-        self._finders = tuple(finders)
-        self._queue: list[tuple[float, int, _Job]] = []
-        self._order = itertools.count()
-        self._wake = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
-        self._busy: _Job | None = None
-        self._claimed: list[Path] = []
+        self.limits = limits or Limits()
+        self.trace_wait_seconds = trace_wait_seconds
+        self.owners = owners or TraceOwners((), ())
+        self._legacy = tuple(legacy_spools)
+        self._owner = owner_id()
+        self._writes: queue.Queue[_Write | None] = queue.Queue(MAX_WAITING_WRITES)
+        self._wake = {name: threading.Event() for name in self.sinks}
+        self._ready = threading.Event()
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the writer and one thread per sink (no I/O here: they open the file). Idempotent."""
+        with self._lock:
+            if self._threads or self._closing.is_set():
+                return
+            self._threads.append(
+                threading.Thread(target=self._write_loop, name="ambient-tracing-feedback-store", daemon=True)
+            )
+            self._threads += [
+                threading.Thread(
+                    target=self._deliver_loop,
+                    args=(name,),
+                    name=f"ambient-tracing-ratings-{name}",
+                    daemon=True,
+                )
+                for name in self.sinks
+            ]
+            for thread in self._threads:
+                thread.start()
+
+    def submit(
+        self, rating: Rating, *, caller: str | None = None, check_owner: bool = False
+    ) -> Future[list[str]]:
+        """Queue a rating for the writer; the future gives the sinks it is stored for once committed
+        (StoreFull / TooManyPending when refused). Never blocks."""
+        future: Future[list[str]] = Future()
+        names = sorted(
+            name
+            for name, sink in self.sinks.items()
+            if rating.trace_id or not sink.needs_trace or self.owners.finders
+        )
+        if not names:
+            future.set_result([])
+            return future
+        if self._closing.is_set():
+            raise RuntimeError("the rating delivery is closed")
+        self.start()
+        try:
+            self._writes.put_nowait((rating, names, check_owner, caller, future))
+        except queue.Full:
+            future.set_exception(StoreFull("too many ratings arriving at once; try again later"))
+        return future
+
+    def close(self, timeout: float) -> None:
+        """Blocking: commit what was submitted, stop the threads (within ``timeout``), give back leases.
+
+        Nothing is lost: every rating stays in the file until a backend has it, for the next start
+        or another process to deliver."""
+        deadline = time.monotonic() + timeout
+        self._closing.set()
+        for wake in self._wake.values():
+            wake.set()
+        with contextlib.suppress(queue.Full):
+            self._writes.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.owners.close()
+        if self._ready.is_set():
+            try:
+                store = RatingStore(self.spool, self.limits)
+                try:
+                    store.release(self._owner)
+                finally:
+                    store.close()
+            except Exception as exc:
+                logger.warning("ambient-tracing: could not release rating leases: %r", exc)
 
     @property
     def pending(self) -> int:
-        """Ratings not yet recorded in every sink (queued or being delivered)."""
-        with self._wake:
-            return len(self._queue) + (self._busy is not None)
+        """Blocking (reads the file): deliveries still waiting, of every process sharing it."""
+        return self.counts()["deliveries"]
 
-    def start(self) -> None:
-        """Blocking (file I/O): claim the spool, queue what it holds, start the worker. Idempotent."""
-        with self._wake:
-            if self._thread is not None or self._closing:
-                return
-            self._thread = threading.Thread(target=self._work, name="ambient-tracing-ratings", daemon=True)
-        for rating in self._claim_spool():
-            self.submit(rating)
-        self._thread.start()
-
-    def submit(self, rating: Rating) -> list[str]:
-        """Queue a rating; returns the sinks it is queued for. Never blocks on I/O."""
-        names = {
-            name
-            for name, sink in self.sinks.items()
-            if rating.trace_id or not sink.needs_trace or self._finders
-        }
-        if not names:
-            return []
-        with self._wake:
-            if len(self._queue) >= MAX_PENDING:
-                raise OverflowError("too many ratings waiting for delivery")
-            self._push(_Job(rating, names), time.monotonic())
-        return sorted(names)
-
-    def close(self, timeout: float) -> None:
-        """Blocking: try every pending rating once more (within ``timeout``), spool the rest, stop."""
-        deadline = time.monotonic() + timeout
-        with self._wake:
-            self._closing = True
-            self._queue = [(0.0, order, job) for _, order, job in self._queue]  # due now
-            heapq.heapify(self._queue)
-            self._wake.notify_all()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        with self._wake:
-            # A delivery still blocked in a backend call is spooled too: recording it twice is harmless.
-            left = [job for _, _, job in self._queue] + ([self._busy] if self._busy else [])
-            self._queue.clear()
-        self._write_spool(left)
-
-    # -- the worker ---------------------------------------------------------------------------------
-
-    def _push(self, job: _Job, due: float) -> None:
-        heapq.heappush(self._queue, (due, next(self._order), job))
-        self._wake.notify()
-
-    def _work(self) -> None:
-        while True:
-            with self._wake:
-                while True:
-                    if not self._queue:
-                        if self._closing:
-                            return
-                        self._wake.wait()
-                        continue
-                    due = self._queue[0][0]
-                    wait = due - time.monotonic()
-                    if wait <= 0:
-                        break
-                    if self._closing:
-                        return  # only future retries left: they go to the spool
-                    self._wake.wait(wait)
-                _, _, job = heapq.heappop(self._queue)
-                self._busy = job
-            try:
-                self._attempt(job)
-            finally:
-                with self._wake:
-                    self._busy = None
-                    if job.pending:
-                        self._reschedule(job)
-
-    def _reschedule(self, job: _Job) -> None:
-        if self._closing:
-            # One last try was made; keep the job queued (not due) for close() to spool.
-            heapq.heappush(self._queue, (float("inf"), next(self._order), job))
-            return
-        if time.monotonic() - job.first_try > self.retry_seconds:
-            logger.warning(
-                "ambient-tracing: rating %s not delivered to %s after %.0f s; spooled for the next start",
-                job.rating.key,
-                ", ".join(sorted(job.pending)),
-                self.retry_seconds,
-            )
-            self._write_spool([job])
-            return
-        backoff = 2 ** max(0, job.attempts - STEADY_ATTEMPTS)
-        delay = min(MAX_RETRY_INTERVAL, FIRST_RETRY_SECONDS * backoff)
-        self._push(job, time.monotonic() + delay)
-
-    def _attempt(self, job: _Job) -> None:
-        job.attempts += 1
-        if job.rating.trace_id is None and not job.resolved:
-            try:
-                job.rating = job.rating.with_trace(self._find_trace(job.rating.thread_id))
-            except Exception as exc:
-                logger.debug("ambient-tracing: trace lookup failed, will retry: %r", exc)
-                return
-            job.resolved = True
-        for name in sorted(job.pending):
-            sink = self.sinks[name]
-            if sink.needs_trace and job.rating.trace_id is None:
-                logger.info("ambient-tracing: rating %s has no trace; not sent to %s", job.rating.key, name)
-                job.pending.discard(name)
-                continue
-            try:
-                sink.deliver_rating(job.rating)
-            except RatingRejected as exc:
-                logger.warning("ambient-tracing: %s refused rating %s: %s", name, job.rating.key, exc)
-            except Exception as exc:
-                logger.debug("ambient-tracing: %s rating delivery failed, will retry: %r", name, exc)
-                continue
-            job.pending.discard(name)
-
-    def _find_trace(self, thread_id: str | None) -> str | None:
-        if not thread_id:
-            return None
-        for finder in self._finders:
-            if trace_id := finder.latest_trace_id(thread_id):
-                return trace_id
-        return None
-
-    # -- the spool ----------------------------------------------------------------------------------
-
-    def _claim_spool(self) -> list[Rating]:
-        """Take the spool file (and files claimed by processes that died) for this process."""
-        spool = self.spool
-        if spool is None:
-            return []
-        candidates = [spool, *spool.parent.glob(f"{spool.name}.*.claimed")]
-        ratings: list[Rating] = []
-        for path in candidates:
-            if path != spool and _owner_alive(path):
-                continue
-            claimed = spool.with_name(f"{spool.name}.{os.getpid()}.{time.time_ns()}.claimed")
-            try:
-                path.rename(claimed)
-            except FileNotFoundError:
-                continue
-            self._claimed.append(claimed)
-            for line in claimed.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    try:
-                        ratings.append(Rating.from_json(line))
-                    except (ValueError, TypeError) as exc:
-                        logger.warning("ambient-tracing: skipping a bad line in %s: %r", claimed, exc)
-        if ratings:
-            logger.info("ambient-tracing: delivering %d spooled rating(s) from %s", len(ratings), spool)
-        return ratings
-
-    def _write_spool(self, jobs: list[_Job]) -> None:
-        spool = self.spool
-        if spool is None:
-            if jobs:
-                logger.warning("ambient-tracing: %d rating(s) not delivered and no spool set", len(jobs))
-            return
+    def counts(self) -> dict[str, int]:
+        """Blocking: ratings waiting, set aside, and deliveries waiting, in the shared file."""
+        store = RatingStore(self.spool, self.limits)
         try:
-            if jobs:
-                spool.parent.mkdir(parents=True, exist_ok=True)
-                with spool.open("a", encoding="utf-8") as file:
-                    if flock is not None:
-                        flock(file, LOCK_EX)
-                    file.writelines(job.rating.to_json() + "\n" for job in jobs)
-                logger.warning("ambient-tracing: %d rating(s) spooled to %s", len(jobs), spool)
-            if self._closing:
-                for claimed in self._claimed:
-                    with contextlib.suppress(FileNotFoundError):
-                        claimed.unlink()
-                self._claimed.clear()
-        except OSError as exc:
-            logger.error("ambient-tracing: could not spool %d rating(s) to %s: %r", len(jobs), spool, exc)
+            return store.counts()
+        finally:
+            store.close()
+
+    # -- the writer ---------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        store = self._open_store()
+        while True:
+            first = self._writes.get()
+            batch = [first] if first is not None else []
+            while first is not None and len(batch) < WRITE_BATCH:
+                try:
+                    item = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    first = None
+                    break
+                batch.append(item)
+            if batch:
+                self._commit(store, batch)
+            if first is None:
+                if store is not None:
+                    store.close()
+                return
+
+    def _open_store(self) -> RatingStore | None:
+        try:
+            store = RatingStore(self.spool, self.limits)
+            store.release_dead_owners()
+            import_old_spools(store, sorted(self.sinks), self._legacy)
+        except Exception as exc:
+            logger.error("ambient-tracing: the feedback queue %s cannot be used: %r", self.spool, exc)
+            return None
+        finally:
+            self._ready.set()
+        logger.info("ambient-tracing: feedback queue at %s", self.spool)
+        return store
+
+    def _commit(self, store: RatingStore | None, batch: list[_Write]) -> None:
+        try:
+            if store is None:
+                raise RuntimeError("the feedback queue cannot be opened")
+            results = store.add_many(
+                [(rating, names, check, caller) for rating, names, check, caller, _ in batch]
+            )
+        except Exception as exc:
+            logger.error("ambient-tracing: %d rating(s) not stored: %r", len(batch), exc)
+            for *_, future in batch:
+                future.set_exception(StoreFull("the feedback queue cannot store ratings now"))
+            return
+        for (_, names, *_rest, future), error in zip(batch, results, strict=True):
+            if error is None:
+                future.set_result(names)
+            else:
+                future.set_exception(error)
+        for wake in self._wake.values():
+            wake.set()
+
+    # -- one thread per sink ------------------------------------------------------------------------
+
+    def _deliver_loop(self, name: str) -> None:
+        self._ready.wait()
+        wake = self._wake[name]
+        store: RatingStore | None = None
+        while not self._closing.is_set():
+            try:
+                store = store or RatingStore(self.spool, self.limits)
+                claimed = store.claim(name, self._owner, CLAIM_BATCH)
+                for item in claimed:
+                    if self._closing.is_set():
+                        break  # the rest stays leased to us until close() gives it back
+                    self._deliver(store, name, item)
+                if claimed:
+                    continue
+                due = store.next_due(name)
+                wait = POLL_SECONDS if due is None else min(POLL_SECONDS, max(0.0, due - time.time()))
+            except Exception as exc:
+                logger.warning("ambient-tracing: rating delivery to %s paused: %r", name, exc)
+                wait = POLL_SECONDS
+            wake.wait(wait)
+            wake.clear()
+        if store is not None:
+            store.close()
+
+    def _deliver(self, store: RatingStore, name: str, item: Claimed) -> None:
+        try:
+            rating = Rating.from_json(item.body)
+        except ValueError as exc:
+            store.set_aside(item.rating_id, None, f"cannot be decoded ({exc})")
+            return
+        now = time.time()
+        waited_out = now > item.created + self.trace_wait_seconds
+        sink = self.sinks[name]
+        try:
+            if item.check_owner and rating.trace_id:
+                stored = self.owners.lookup(rating.trace_id)
+                if stored is None:
+                    if waited_out:
+                        store.set_aside(item.rating_id, None, "its trace was never stored")
+                    else:
+                        store.retry_at(item, now + _backoff(item.attempts))
+                    return
+                if stored.verdict(rating.thread_id) == "other":
+                    store.set_aside(item.rating_id, None, "its trace belongs to another thread")
+                    return
+            if rating.trace_id is None and rating.thread_id and self.owners.finders:
+                rating = rating.with_trace(self.owners.latest_trace_id(rating.thread_id))
+            if sink.needs_trace and rating.trace_id is None:
+                logger.info("ambient-tracing: rating #%d has no trace; not sent to %s", item.rating_id, name)
+                store.delivered(item)
+                return
+            sink.deliver_rating(rating)
+        except RatingRejected as exc:
+            store.set_aside(item.rating_id, name, f"{name} refused it ({type(exc).__name__})")
+        except TraceNotStored:
+            if waited_out:
+                store.set_aside(item.rating_id, name, f"its trace was never stored in {name}")
+            else:
+                store.retry_at(item, now + _backoff(item.attempts))
+        except Exception as exc:
+            logger.debug("ambient-tracing: %s rating delivery failed, will retry: %r", name, exc)
+            store.retry_at(item, time.time() + _backoff(item.attempts))
+        else:
+            store.delivered(item)
 
 
-def _owner_alive(claimed: Path) -> bool:
-    """Whether the process that claimed ``<spool>.<pid>.<ns>.claimed`` still runs."""
-    try:
-        pid = int(claimed.name.split(".")[-3])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _backoff(attempts: int) -> float:
+    """1 s for the first attempts (a trace is usually stored within seconds), then doubling to 30 s."""
+    return min(MAX_RETRY_INTERVAL, FIRST_RETRY_SECONDS * 2.0 ** max(0, attempts - STEADY_ATTEMPTS))

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .context import inside_middleware, tracing_request
@@ -36,7 +36,11 @@ class TracingMiddleware:
     ``observability=`` to share one you own. The user comes from ``user_id_header`` /
     ``user_name_header``, or from ``user_resolver(scope) -> (user_id, user_name)``.
     ``feedback_path="/feedback"`` also serves :func:`~ambient_tracing.feedback_endpoint` there
-    (POST), with ``feedback_authorize`` as its ``authorize`` hook.
+    (POST), with ``feedback_authorize`` as its ``authorize`` hook and this middleware's user as the
+    rater. Served here, it answers before any middleware added earlier (the app's authentication),
+    so it refuses callers it cannot identify (401) unless ``feedback_allow_anonymous=True``; other
+    methods (a CORS preflight) go to the app. To run it inside the app's stack, mount the endpoint
+    as a route instead.
     """
 
     app: ASGIApp
@@ -48,6 +52,7 @@ class TracingMiddleware:
     startup_timeout: float = 10.0
     feedback_path: str | None = None
     feedback_authorize: Authorize | None = None
+    feedback_allow_anonymous: bool = False
     _owns_observability: bool = field(init=False, default=False)
     _feedback_endpoint: Callable[[Request], Awaitable[Response]] | None = field(init=False, default=None)
 
@@ -56,14 +61,31 @@ class TracingMiddleware:
             self.observability = Observability.from_env()
             self._owns_observability = True
         if self.feedback_path:
-            self._feedback_endpoint = feedback_endpoint(self.observability, authorize=self.feedback_authorize)
+            self._feedback_endpoint = feedback_endpoint(
+                self.observability,
+                authorize=self.feedback_authorize,
+                user_resolver=self._user,
+                allow_anonymous=self.feedback_allow_anonymous,
+            )
+            logger.info(
+                "ambient-tracing: serving feedback at %s ahead of the app's middleware; %s",
+                self.feedback_path,
+                "anonymous ratings ARE accepted (feedback_allow_anonymous=True)"
+                if self.feedback_allow_anonymous
+                else "ratings from callers not identified by user headers/user_resolver are refused",
+            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         observability = self.observability
         assert observability is not None
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(send))
-        elif scope["type"] == "http" and self._feedback_endpoint and scope["path"] == self.feedback_path:
+        elif (
+            scope["type"] == "http"
+            and self._feedback_endpoint
+            and scope["path"] == self.feedback_path
+            and scope["method"] == "POST"
+        ):
             await self._feedback(scope, receive, send)
         elif (
             scope["type"] != "http"
@@ -78,12 +100,8 @@ class TracingMiddleware:
                 await responder.run()
 
     async def _feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] != "POST":
-            response: Response = PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "POST"})
-        else:
-            assert self.observability is not None
-            assert self._feedback_endpoint is not None
-            response = await self._feedback_endpoint(Request(scope, receive))
+        assert self._feedback_endpoint is not None
+        response = await self._feedback_endpoint(Request(scope, receive))
         await response(scope, receive, send)
 
     def _lifespan_send(self, send: Send) -> Send:

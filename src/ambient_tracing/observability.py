@@ -11,17 +11,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import RatingSink, Span, TraceFinder, TracingBackend, TurnStart
-from .config import DEFAULT_RUNNER_TYPE, TracingConfig, Workflow, active_workflow, default_spool_path
+from .backends.base import RatingSink, Span, TraceFinder, TraceOwner, TracingBackend, TurnStart
+from .config import (
+    DEFAULT_RUNNER_TYPE,
+    TracingConfig,
+    Workflow,
+    active_workflow,
+    default_spool_path,
+    legacy_spool_path,
+)
 from .deferred import SpanWorker, open_deferred_turn
-from .delivery import DEFAULT_RETRY_SECONDS, RatingDelivery
+from .delivery import DEFAULT_TRACE_WAIT_SECONDS, RatingDelivery
 from .fanout import FanoutSpan
 from .ids import new_trace_id, parse_trace_id
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
+from .owners import TraceOwners
 from .pricing import ModelPrice, Pricing
 from .ratings import Rating
 from .records import RecordSpan, SpanSink
 from .registry import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
+from .spool import Limits
 from .tool_signals import ToolCategoriser
 
 if TYPE_CHECKING:
@@ -100,7 +109,8 @@ class Observability:
         workflow: Callable[[], Workflow | None] | None = active_workflow,
         clarification_names: Iterable[str] | None = None,
         feedback_spool: Path | None = None,
-        feedback_retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        feedback_retry_seconds: float = DEFAULT_TRACE_WAIT_SECONDS,
+        feedback_limits: Limits | None = None,
     ) -> None:
         self.backends: tuple[TracingBackend, ...] = tuple(backends)
         self.runner_type = runner_type
@@ -118,12 +128,20 @@ class Observability:
         self._stopping = threading.Event()
         # Vendor span calls after a turn opens run here, off the event loop (see deferred.py).
         self._span_worker = SpanWorker()
-        #: Ratings on their way to the backends (see :mod:`ambient_tracing.delivery`).
+        #: Which thread a trace belongs to, asked of the backends (see :mod:`ambient_tracing.owners`).
+        self.owners = TraceOwners(
+            [backend for backend in self.backends if isinstance(backend, TraceOwner)],
+            [backend for backend in self.backends if isinstance(backend, TraceFinder)],
+        )
+        #: Ratings on their way to the backends: a durable queue (see :mod:`ambient_tracing.delivery`).
+        #: ``feedback_retry_seconds``: how long a rating waits for its trace to be stored.
         self.ratings = RatingDelivery(
             [backend for backend in self.backends if isinstance(backend, RatingSink)],
-            finders=[backend for backend in self.backends if isinstance(backend, TraceFinder)],
+            owners=self.owners,
             spool=feedback_spool or default_spool_path(),
-            retry_seconds=feedback_retry_seconds,
+            limits=feedback_limits,
+            trace_wait_seconds=feedback_retry_seconds,
+            legacy_spools=() if feedback_spool else (legacy_spool_path(),),
         )
         # Session Metrics (see metrics.py): None when switched off.
         self._sessions: SessionReporter | None = (
@@ -204,6 +222,7 @@ class Observability:
             mask_messages=config.mask_messages,
             flush_timeout=flush_timeout,
             feedback_spool=config.feedback_spool,
+            feedback_limits=config.feedback_limits,
             session_idle_seconds=config.session_idle_seconds,
             namespace=config.namespace,
         )
@@ -227,13 +246,16 @@ class Observability:
         """The thread of a recent trace of this process; None when unknown here."""
         return self._threads.thread_of(trace_id)
 
-    def submit_rating(self, rating: Rating) -> list[str]:
-        """Queue a rating for every backend that can record it; returns their names. Never blocks."""
+    def submit_rating(
+        self, rating: Rating, *, caller: str | None = None, check_owner: bool = False
+    ) -> Future[list[str]]:
+        """Queue a rating for every backend that can record it. Never blocks: the future gives their
+        names once the rating is committed to the durable queue (StoreFull / TooManyPending when not)."""
         if self._closed:
             raise RuntimeError("observability is closed")
         if self._setup is None:
-            self._begin_setup()  # also starts the delivery thread
-        return self.ratings.submit(rating)
+            self._begin_setup()
+        return self.ratings.submit(rating, caller=caller, check_owner=check_owner)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -258,11 +280,8 @@ class Observability:
             return self._setup
 
     def _setup_backends(self, done: Future[None]) -> None:
+        self.ratings.start()  # first: delivery to each backend does not wait for the others' setup
         failed = [backend for backend in self.backends if not _try_setup(backend, first=True)]
-        try:
-            self.ratings.start()
-        except Exception as exc:
-            logger.warning("ambient-tracing: the rating delivery did not start: %r", exc)
         done.set_result(None)
         # A backend that was down at startup is retried with backoff until it comes up or we close.
         delay = SETUP_RETRY_SECONDS
@@ -280,8 +299,9 @@ class Observability:
             stream.close(error="shutdown before the run finished")
         if self._sessions is not None:
             self._sessions.close()  # Session Metrics spans, before the flush below sends them
+        # Ratings first: accepted ones are on disk already; this only stops their threads.
+        await self._in_thread(self.ratings.close, min(5.0, self.flush_timeout), "rating delivery")
         await self._in_thread(self._span_worker.close, self.flush_timeout, "span worker")
-        await self._in_thread(self.ratings.close, self.flush_timeout, "rating delivery")
         for backend in self.backends:
             await self._in_thread(backend.flush, self.flush_timeout, f"{backend.name} flush")
             await self._in_thread(backend.shutdown, None, f"{backend.name} shutdown")

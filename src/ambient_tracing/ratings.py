@@ -20,6 +20,8 @@ FEEDBACK_NAME = "user-feedback"
 CORRECTION_NAME = "user-correction"
 MAX_BODY_BYTES = 256 * 1024
 MAX_FIELD_CHARS = 4_000
+#: A thread id longer than this is refused (400), never cut: a cut id would name another thread.
+MAX_THREAD_ID_CHARS = 1_000
 MAX_TRANSCRIPT_CHARS = 64_000
 _TRACE_ID = re.compile(r"^(?:tr-)?([0-9a-fA-F]{32})$")
 
@@ -73,11 +75,26 @@ class Rating:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, line: str) -> Rating:
-        data = json.loads(line)
-        if data.get("kind") not in KINDS:
-            raise ValueError(f"not a rating: {line[:80]!r}")
-        return cls(**{key: data.get(key) for key in cls.__slots__ if key in data})
+    def from_json(cls, line: str | bytes) -> Rating:
+        """A rating stored by :meth:`to_json`; ValueError (never the text) for anything else."""
+        try:
+            data = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ValueError("not JSON") from None
+        if not isinstance(data, dict) or data.get("kind") not in KINDS:
+            raise ValueError("not a rating")
+        fields = {key: data.get(key) for key in cls.__slots__ if key in data}
+        for key, value in fields.items():
+            wanted = _FIELD_TYPES.get(key, str)
+            if value is not None and not isinstance(value, wanted):
+                raise ValueError(f"rating field {key} has the wrong type")
+        metadata = fields.get("metadata") or {}
+        if not all(isinstance(value, str) for value in metadata.values()):
+            raise ValueError("rating metadata must be text")
+        return cls(**fields)  # type: ignore[arg-type]  # checked just above
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"metadata": dict, "created_at": (int, float)}
 
 
 def normalize_trace_id(value: Any) -> str | None:
@@ -92,14 +109,11 @@ def normalize_trace_id(value: Any) -> str | None:
 
 def parse_feedback(body: bytes) -> Rating:
     """Validate an origin-compatible feedback body; raises :class:`FeedbackError` on client mistakes."""
-    if len(body) > MAX_BODY_BYTES:
-        raise FeedbackError(413, f"feedback body is over {MAX_BODY_BYTES // 1024} KiB")
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise FeedbackError(400, "feedback body is not JSON") from None
-    if not isinstance(data, dict):
-        raise FeedbackError(400, "feedback body must be a JSON object")
+    return rating_from(decode_body(body))
+
+
+def rating_from(data: dict[str, Any]) -> Rating:
+    """The rating of a decoded feedback body (see :func:`decode_body`)."""
     if data.get("type") != "META":
         raise FeedbackError(400, "type must be 'META'")
     kind = data.get("metaType")
@@ -122,7 +136,7 @@ def parse_feedback(body: bytes) -> Rating:
     }
     return Rating(
         kind=kind,
-        thread_id=_text(data.get("threadId"), 200),
+        thread_id=_thread_id(data.get("threadId")),
         trace_id=normalize_trace_id(payload.get("traceId")),
         user_id=user_id,
         message_id=metadata["messageId"],
@@ -130,6 +144,49 @@ def parse_feedback(body: bytes) -> Rating:
         correction=correction,
         metadata={key: value for key, value in metadata.items() if value},
     )
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; every way it can be malformed is a 400 (413: too big) saying which."""
+    if len(body) > MAX_BODY_BYTES:
+        raise FeedbackError(413, f"feedback body is over {MAX_BODY_BYTES // 1024} KiB")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeedbackError(400, f"feedback body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise FeedbackError(400, "feedback body is nested too deeply") from None
+    except FeedbackError:
+        raise
+    except ValueError as exc:
+        raise FeedbackError(400, f"feedback body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FeedbackError(400, "feedback body must be a JSON object")
+    try:
+        # Lone surrogates ("\\ud800") are valid JSON escapes but no text: they cannot be stored or echoed.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise FeedbackError(400, "feedback body holds a lone surrogate escape (\\ud800-\\udfff)") from None
+    except RecursionError:
+        raise FeedbackError(400, "feedback body is nested too deeply") from None
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise FeedbackError(400, f"feedback body holds {name}, which JSON does not allow")
+
+
+def _thread_id(value: Any) -> str | None:
+    """The thread id exactly as sent: never stripped or cut (a changed id would be another thread)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise FeedbackError(400, "threadId must be a string")
+    if len(value) > MAX_THREAD_ID_CHARS:
+        raise FeedbackError(400, f"threadId is over {MAX_THREAD_ID_CHARS} characters")
+    return value
 
 
 def _text(value: Any, limit: int = MAX_FIELD_CHARS) -> str | None:
@@ -141,20 +198,20 @@ def _text(value: Any, limit: int = MAX_FIELD_CHARS) -> str | None:
 
 
 def _comment(payload: dict[str, Any]) -> str | None:
-    """The comment the origin runner built: comment, reason, context and, when asked, the transcript."""
-    parts = [_text(payload.get("comment"))]
+    """The comment exactly as the origin runner built it: the parts joined by a newline."""
+    parts: list[str] = []
+    if comment := _text(payload.get("comment")):
+        parts.append(comment)
     if reason := _text(payload.get("reason")):
         parts.append(f"Reason: {reason}")
     if context := _text(payload.get("context")):
-        parts.append(f"Context: {context}")
+        parts.append(f"\nMessage:\n{context}")
     transcript = payload.get("transcript")
-    if payload.get("includeTranscript") and isinstance(transcript, list):
-        lines = [
-            f"{_text(entry.get('role'), 40) or '?'}: {_text(entry.get('content')) or ''}"
+    if payload.get("includeTranscript") and isinstance(transcript, list) and transcript:
+        lines = "\n".join(
+            f"[{_text(entry.get('role'), 40) or 'unknown'}]: {_text(entry.get('content')) or ''}"
             for entry in transcript
             if isinstance(entry, dict)
-        ]
-        if lines:
-            parts.append(("Transcript:\n" + "\n".join(lines))[:MAX_TRANSCRIPT_CHARS])
-    text = "\n\n".join(part for part in parts if part)
-    return text or None
+        )
+        parts.append(f"\nFull Transcript:\n{lines}"[:MAX_TRANSCRIPT_CHARS])
+    return "\n".join(parts) if parts else None

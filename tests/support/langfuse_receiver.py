@@ -3,6 +3,8 @@
 Accepts OTLP/HTTP protobuf spans at ``/api/public/otel/v1/traces`` (gzip or not), scores at
 ``/api/public/scores`` (SDK 5: JSON list, answered 202) and ``/api/public/ingestion`` (SDK 4: JSON
 batch of ``score-create`` events, answered 207). Anything else gets a 404 JSON body.
+``GET /api/public/traces/{id}`` and ``GET /api/public/traces?sessionId=&name=`` answer from the
+spans received, as Langfuse's public API does once it has ingested them (404 before).
 ``mode``: "ok"; "503" (every POST answered 503); "hang" (requests are read, then held until
 ``stop()`` or ``hang_seconds``).
 """
@@ -13,6 +15,7 @@ import gzip
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 TRACES_PATH = "/api/public/otel/v1/traces"
 SCORES_PATH = "/api/public/scores"
 INGESTION_PATH = "/api/public/ingestion"
+TRACES_API = "/api/public/traces"
 Mode = Literal["ok", "503", "hang"]
 
 
@@ -207,9 +211,42 @@ class LangfuseReceiver:
                 self._scores.extend(e["body"] for e in events if e.get("type") == "score-create")
             result = {"successes": [{"id": e.get("id"), "status": 201} for e in events], "errors": []}
             return _reply(handler, 207, json.dumps(result).encode(), "application/json")
+        if method == "GET" and path.startswith(TRACES_API + "/"):
+            trace = self.trace_view(urllib.parse.unquote(path[len(TRACES_API) + 1 :]))
+            if trace is not None:
+                return _reply(handler, 200, json.dumps(trace).encode(), "application/json")
+        if method == "GET" and path == TRACES_API:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+            data = self.traces_of(query.get("sessionId", [""])[0], query.get("name", [None])[0])
+            limit = int(query.get("limit", ["50"])[0])
+            body = {"data": data[:limit], "meta": {"page": 1, "limit": limit, "totalItems": len(data)}}
+            return _reply(handler, 200, json.dumps(body).encode(), "application/json")
         return _reply(
             handler, 404, json.dumps({"message": f"no route {method} {path}"}).encode(), "application/json"
         )
+
+    def trace_view(self, trace_id: str) -> dict[str, Any] | None:
+        """The trace as ``GET /api/public/traces/{id}`` shows it: id, name, sessionId, timestamp."""
+        spans = self.spans_by_trace(trace_id)
+        if not spans:
+            return None
+        first = min(spans, key=lambda span: span.start_ns)
+        session = next((s.attributes["session.id"] for s in spans if "session.id" in s.attributes), None)
+        name = next(
+            (s.attributes["langfuse.trace.name"] for s in spans if "langfuse.trace.name" in s.attributes),
+            first.name,
+        )
+        return {"id": trace_id, "name": name, "sessionId": session, "timestamp": first.start_ns}
+
+    def traces_of(self, session_id: str, name: str | None) -> list[dict[str, Any]]:
+        """The session's traces (named ``name`` when given), newest first."""
+        views = [self.trace_view(trace_id) for trace_id in dict.fromkeys(s.trace_id for s in self.spans)]
+        chosen = [
+            view
+            for view in views
+            if view is not None and view["sessionId"] == session_id and (name is None or view["name"] == name)
+        ]
+        return sorted(chosen, key=lambda view: view["timestamp"], reverse=True)
 
 
 def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str) -> None:

@@ -159,7 +159,11 @@ class TracingBackend(Protocol):
 
 
 class RatingRejected(Exception):
-    """A backend refused a rating for good (e.g. HTTP 400): retrying cannot help, so it is dropped."""
+    """A backend refused a rating for good (e.g. HTTP 400): retrying cannot help, so it is set aside."""
+
+
+class TraceNotStored(Exception):
+    """The rating's trace is not in the backend (yet): retried until it should have been stored."""
 
 
 @runtime_checkable
@@ -167,7 +171,8 @@ class RatingSink(Protocol):
     """A backend that records user feedback. Called from the delivery thread: may block.
 
     ``deliver_rating`` returns once the rating is stored, raises :class:`RatingRejected` when it never
-    will be, and raises anything else to be retried later (backend down, trace not stored yet).
+    will be, :class:`TraceNotStored` while its trace is not there, and anything else to be retried
+    later (backend down).
     """
 
     name: str
@@ -183,4 +188,14 @@ class TraceFinder(Protocol):
 
     def latest_trace_id(self, thread_id: str) -> str | None:
         """Blocking: the newest trace id (32 hex) recorded for the thread, None if none."""
+        ...
+
+
+@runtime_checkable
+class TraceOwner(Protocol):
+    """A backend that can tell which thread a stored trace belongs to (ownership of a rating)."""
+
+    def trace_thread(self, trace_id: str) -> str | None:
+        """Blocking: the thread id of the stored trace (32 hex), "" when it has none, None when the
+        backend does not hold the trace (yet). Raises when the backend cannot answer."""
         ...

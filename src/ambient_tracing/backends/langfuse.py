@@ -251,6 +251,23 @@ class LangfuseBackend:
         """Blocking: store the rating as a score (see :mod:`.langfuse_scores`); raises to be retried."""
         self._scores.post(rating)
 
+    def trace_thread(self, trace_id: str) -> str | None:
+        """Blocking: the stored trace's session id ("" without one), via the public API; None when
+        Langfuse does not hold the trace (yet)."""
+        trace = self._scores.trace(trace_id)
+        if trace is None:
+            return None
+        session = trace.get("sessionId")
+        return session if isinstance(session, str) else ""
+
+    def stored_thread_id(self, thread_id: str) -> str:
+        """The thread id as Langfuse stores it as session id (cut to its 200 character limit)."""
+        return _fit(thread_id) or ""
+
+    def latest_trace_id(self, thread_id: str) -> str | None:
+        """Blocking: the newest run trace of the thread's session, via the public API."""
+        return self._scores.latest_trace(self.stored_thread_id(thread_id), ROOT_NAME)
+
     def flush(self, timeout: float) -> None:
         """Export what is pending, waiting at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout

@@ -33,7 +33,17 @@ try:
     import mlflow
     import mlflow.tracing.provider as mlflow_provider
     from mlflow import MlflowClient
-    from mlflow.entities import AssessmentSource, LiveSpan, SpanStatus, SpanStatusCode, SpanType
+    from mlflow.entities import (
+        AssessmentSource,
+        Expectation,
+        Feedback,
+        LiveSpan,
+        SpanStatus,
+        SpanStatusCode,
+        SpanType,
+    )
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracing.client import TracingClient
     from mlflow.tracing.constant import TraceMetadataKey
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
@@ -42,7 +52,7 @@ from ..ids import new_trace_id, sampled, trace_id_or_new
 from ..otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ..ratings import Rating
 from ..records import RecordSpan, SpanRecord, standalone_record
-from .base import NULL_SPAN, Span, SpanKind, TokenUsage, TurnStart
+from .base import NULL_SPAN, Span, SpanKind, TokenUsage, TraceNotStored, TurnStart
 from .mlflow_otlp import (
     EXPERIMENT_HEADER,
     SPAN_TYPES,
@@ -297,45 +307,59 @@ class MlflowBackend:
 
     needs_trace = True
 
-    def deliver_rating(self, rating: Rating) -> None:
-        """Record a rating as an assessment; raises while the trace is not stored yet (retried).
+    @cached_property
+    def _traces(self) -> TracingClient:
+        """Trace and assessment calls on this store, independent of :meth:`setup` and the global URI."""
+        return TracingClient(self.tracking_uri)
 
-        Thumbs are a ``user-feedback`` feedback (bool), corrections a ``user-correction`` expectation,
-        both with source HUMAN and the user id. The same (message, user) rating again is a no-op; a
-        different value overrides the earlier assessment, so the trace keeps one valid rating.
+    def deliver_rating(self, rating: Rating) -> None:
+        """Record a rating as an assessment; raises TraceNotStored while the trace is not stored yet.
+
+        Thumbs are a ``user-feedback`` feedback (bool, comment as rationale), corrections a
+        ``user-correction`` expectation (comment in its metadata), both with source HUMAN and the
+        user id. The same (message, user) rating again updates that one assessment in place, so a
+        changed mind leaves one valid assessment and adds no row.
         """
         assert rating.trace_id is not None
         trace_id = to_mlflow_trace_id(rating.trace_id)
-        trace = self.client.get_trace(trace_id)  # raises "not found" until MLflow has exported it
+        info = self._trace_info(trace_id)
+        if info is None:
+            raise TraceNotStored(trace_id)
         source = AssessmentSource(source_type="HUMAN", source_id=rating.user_id or "anonymous")
         metadata = dict(rating.metadata)
-        earlier = _earlier_assessment(trace.info.assessments, rating)
+        assessment: Feedback | Expectation
         if rating.kind == "correction":
-            if earlier is not None:
-                if earlier.value == rating.value:
-                    return
-                mlflow.delete_assessment(trace_id=trace_id, assessment_id=earlier.assessment_id)
-            mlflow.log_expectation(
-                trace_id=trace_id, name=rating.name, value=rating.value, source=source, metadata=metadata
-            )
-        elif earlier is None:
-            mlflow.log_feedback(
-                trace_id=trace_id,
+            if rating.comment:
+                metadata["comment"] = rating.comment
+            assessment = Expectation(name=rating.name, value=rating.value, source=source, metadata=metadata)
+        else:
+            assessment = Feedback(
                 name=rating.name,
                 value=rating.value,
                 source=source,
                 rationale=rating.comment,
                 metadata=metadata,
             )
-        elif earlier.value != rating.value or earlier.rationale != rating.comment:
-            mlflow.override_feedback(
-                trace_id=trace_id,
-                assessment_id=earlier.assessment_id,
-                value=rating.value,
-                rationale=rating.comment,
-                source=source,
-                metadata=metadata,
-            )
+        earlier = _earlier_assessment(info.assessments or [], rating)
+        if earlier is None:
+            self._traces.log_assessment(trace_id, assessment)
+        elif not _same(earlier, assessment):
+            self._traces.update_assessment(trace_id, earlier.assessment_id, assessment)
+
+    def trace_thread(self, trace_id: str) -> str | None:
+        """Blocking: the trace's ``ambient.thread_id`` tag ("" without one); None when not stored."""
+        info = self._trace_info(to_mlflow_trace_id(trace_id))
+        if info is None:
+            return None
+        return str((info.tags or {}).get("ambient.thread_id") or "")
+
+    def _trace_info(self, trace_id: str) -> Any:
+        try:
+            return self._traces.get_trace_info(trace_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
 
     def latest_trace_id(self, thread_id: str) -> str | None:
         """Blocking: the newest trace of the thread in this experiment (tag ``ambient.thread_id``)."""
@@ -589,3 +613,11 @@ def _earlier_assessment(assessments: Sequence[Any], rating: Rating) -> Any:
         ):
             return assessment
     return None
+
+
+def _same(earlier: Any, new: Feedback | Expectation) -> bool:
+    return bool(
+        earlier.value == new.value
+        and earlier.rationale == new.rationale
+        and (earlier.metadata or {}) == (new.metadata or {})
+    )
