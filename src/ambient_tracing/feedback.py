@@ -127,8 +127,10 @@ def _as_caller(rating: Rating, caller: str | None, allow_anonymous: bool) -> Rat
         return replace(rating, user_id=caller, metadata={**rating.metadata, "user": caller})
     if not allow_anonymous:
         raise FeedbackError(401, "ratings are taken from identified callers only")
-    claimed = rating.user_id
-    return replace(rating, user_id=f"{UNVERIFIED_PREFIX}{claimed}" if claimed else None)
+    if not rating.user_id:
+        return rating
+    unverified = f"{UNVERIFIED_PREFIX}{rating.user_id}"
+    return replace(rating, user_id=unverified, metadata={**rating.metadata, "user": unverified})
 
 
 async def _resolve(

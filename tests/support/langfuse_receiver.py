@@ -5,6 +5,7 @@ Accepts OTLP/HTTP protobuf spans at ``/api/public/otel/v1/traces`` (gzip or not)
 batch of ``score-create`` events, answered 207). Anything else gets a 404 JSON body.
 ``GET /api/public/traces/{id}`` and ``GET /api/public/traces?sessionId=&name=`` answer from the
 spans received, as Langfuse's public API does once it has ingested them (404 before).
+``score_status``: when set, score posts are answered with it (a Langfuse refusing scores only).
 ``mode``: "ok"; "503" (every POST answered 503); "hang" (requests are read, then held until
 ``stop()`` or ``hang_seconds``).
 """
@@ -102,6 +103,7 @@ class LangfuseReceiver:
     def __init__(self, mode: Mode = "ok", *, hang_seconds: float = 30.0) -> None:
         self.mode: Mode = mode
         self.hang_seconds = hang_seconds
+        self.score_status: int | None = None
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self._spans: list[ReceivedSpan] = []
         self._scores: list[dict[str, Any]] = []
@@ -200,6 +202,8 @@ class LangfuseReceiver:
             return _reply(
                 handler, 200, ExportTraceServiceResponse().SerializeToString(), "application/x-protobuf"
             )
+        if method == "POST" and path == SCORES_PATH and self.score_status is not None:
+            return _reply(handler, self.score_status, b'{"message": "refused"}', "application/json")
         if method == "POST" and path == SCORES_PATH:
             scores = json.loads(body)
             with self._lock:
