@@ -18,6 +18,7 @@ from .observability import Observability
 from .pricing import DEFAULT_PRICES, ModelPrice, Pricing
 from .ratings import FeedbackError, Rating, parse_feedback
 from .responder import TRACE_ID_EVENT_NAME
+from .spool import Limits as FeedbackLimits
 from .stream import trace_agui_stream, trace_id_event
 from .tool_signals import default_tool_category, tool_failure_reason
 
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_PRICES",
     "TRACE_ID_EVENT_NAME",
     "FeedbackError",
+    "FeedbackLimits",
     "LangfuseBackend",
     "LangfuseSettings",
     "MlflowBackend",

@@ -41,7 +41,7 @@ DEFAULT_TRACE_WAIT_SECONDS = 120.0
 POLL_SECONDS = 1.0
 CLAIM_BATCH = 16
 WRITE_BATCH = 64
-MAX_WAITING_WRITES = 2_000
+MAX_WAITING_WRITES = 256
 
 _Write = tuple[Rating, list[str], bool, "str | None", "Future[list[str]]"]
 

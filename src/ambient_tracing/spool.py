@@ -41,6 +41,7 @@ DEFAULT_MAX_UNCHECKED = 1_000
 DEFAULT_MAX_PER_THREAD = 200
 DEFAULT_MAX_PER_CALLER = 200
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_warned: set[Path] = set()  # folders already warned about (once per process)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ratings (
@@ -403,7 +404,8 @@ def prepare_location(path: Path) -> None:
     if not folder.exists():
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = stat.S_IMODE(folder.stat().st_mode)
-    if mode & 0o077:
+    if mode & 0o077 and folder not in _warned:
+        _warned.add(folder)
         logger.warning(
             "ambient-tracing: the feedback queue's folder %s is open to other users (%o); make it 0700",
             folder,
