@@ -13,6 +13,7 @@ import ambient_tracing.observability as observability_module
 from ambient_tracing import Observability, Rating
 from ambient_tracing.backends.base import RatingRejected, TraceNotStored
 from ambient_tracing.delivery import RatingDelivery
+from ambient_tracing.spool import StoreFull
 from tests.support.recording_backend import RecordedSpan as RecordedSpanType
 from tests.support.recording_backend import RecordingBackend
 
@@ -146,6 +147,20 @@ def test_close_keeps_what_is_pending_for_the_next_start(tmp_path: Path) -> None:
     wait_until(lambda: len(sink.stored) == 2)
     later.close(1)
     assert sorted(r.trace_id for r in sink.stored) == ["ab" * 16, "cd" * 16]
+
+
+def test_a_queue_that_cannot_be_opened_refuses_then_is_used_once_it_can(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the queue's folder should be")
+    sink = Sink()
+    delivery = RatingDelivery([sink], spool=blocker / "feedback.db")
+    with pytest.raises(StoreFull):
+        delivery.submit(a_rating()).result(10)  # refused (503), never acknowledged
+    blocker.unlink()  # the volume is usable again
+    assert delivery.submit(a_rating("cd" * 16)).result(10) == ["sink"]
+    wait_until(lambda: [r.trace_id for r in sink.stored] == ["cd" * 16])
+    delivery.close(1)
+    assert delivery.counts() == {"waiting": 0, "set_aside": 0, "deliveries": 0}
 
 
 def test_the_spool_location_comes_from_the_environment() -> None:

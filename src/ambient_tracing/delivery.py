@@ -170,6 +170,7 @@ class RatingDelivery:
                     break
                 batch.append(item)
             if batch:
+                store = store or self._open_store()  # the file may have become usable again
                 self._commit(store, batch)
             if first is None:
                 if store is not None:
