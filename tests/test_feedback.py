@@ -213,6 +213,7 @@ async def test_a_rating_sent_to_another_replica_finds_the_trace_in_mlflow(
     await other_replica.aclose()
 
 
+@pytest.mark.timeout(420)  # starts its own mlflow server twice: slow on a loaded machine
 async def test_a_rating_pending_while_mlflow_is_down_is_delivered_when_it_is_back(tmp_path: Path) -> None:
     server = MlflowServer(tmp_path).start()
     try:

@@ -58,6 +58,8 @@ class MlflowServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,
+            # No job runner and consumers (four extra processes per server): tracing does not use them.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         log.close()
         deadline = time.monotonic() + timeout
