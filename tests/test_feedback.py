@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,11 @@ async def test_a_trace_id_in_either_form_is_used_as_given(
 
 
 async def test_twice_is_one_rating_and_a_changed_mind_replaces_it(
-    tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
+    tmp_path: Path,
+    mlflow_server: MlflowServer,
+    mlflow_backend: Any,
+    langfuse_backend: Any,
+    langfuse_receiver: LangfuseReceiver,
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
     obs = Observability([langfuse_backend(), mlflow_side], feedback_spool=tmp_path / "feedback.db")
@@ -136,7 +141,7 @@ async def test_twice_is_one_rating_and_a_changed_mind_replaces_it(
         trace = wait_for_trace(mlflow_side.tracking_uri, trace_id, lambda t: bool(assessments(t)))
         assert [a.value for a in assessments(trace)] == [True]
 
-        for _ in range(5):  # a changed mind, again and again
+        for _ in range(20):  # a changed mind, again and again: 40 flips
             for kind in ("thumbs_down", "thumbs_up"):
                 await post_feedback(url, rating(kind, thread_id="thread-d", comment=f"now {kind}"))
                 wait_until(lambda: obs.ratings.pending == 0)
@@ -147,8 +152,14 @@ async def test_twice_is_one_rating_and_a_changed_mind_replaces_it(
     # One assessment in the store, updated in place: no row per flip, the comment kept.
     [only] = trace.info.assessments
     assert only.rationale == "final" and only.source.source_id == "alice"
+    store = sqlite3.connect(mlflow_server.store_uri.removeprefix("sqlite:///"))
+    (rows,) = store.execute(
+        "SELECT count(*) FROM assessments WHERE trace_id = ?", (f"tr-{trace_id}",)
+    ).fetchone()
+    store.close()
+    assert rows == 1  # the server's own table: 40 flips, one row
 
-    scores = langfuse_receiver.wait_for_scores(13)
+    scores = langfuse_receiver.wait_for_scores(43)
     assert len({score["id"] for score in scores}) == 1  # one score id: Langfuse upserts it
     assert [score["value"] for score in scores][:2] == [1, 1] and scores[-1]["value"] == 0
     await obs.aclose()

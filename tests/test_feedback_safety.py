@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint, parse_feedback
 from ambient_tracing.backends.mlflow import MlflowBackend
+from ambient_tracing.ids import new_trace_id
 from ambient_tracing.spool import Limits, RatingStore
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
@@ -205,6 +206,63 @@ async def test_a_rating_for_a_trace_that_never_appears_is_set_aside_not_sent(
     await obs.aclose()
 
 
+async def test_a_rating_checked_at_delivery_is_set_aside_when_its_trace_is_another_threads(
+    tmp_path: Path, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
+) -> None:
+    chosen = new_trace_id()
+    replica = Observability([langfuse_backend()], feedback_spool=tmp_path / "b.db")
+    with serve(routed(replica)) as url:
+        early = await post(url, rating(thread_id="thread-mine", traceId=chosen))  # stored nowhere yet
+        assert early.status_code == 200 and early.json()["event"]["ownership"] == "checked at delivery"
+        producer = Observability([langfuse_backend()], feedback_spool=tmp_path / "a.db")
+        turn = producer.open_turn(
+            thread_id="thread-theirs", run_id="r", user_id=None, user_name=None, input="x", trace_id=chosen
+        )
+        assert turn is not None and turn.trace_id == chosen
+        turn.span.end(output="done")
+        await producer.aclose()
+        await asyncio.to_thread(
+            langfuse_receiver.wait_for_spans, lambda spans: any(s.trace_id == chosen for s in spans)
+        )
+        await asyncio.to_thread(wait_until, lambda: replica.ratings.counts()["set_aside"] == 1)
+    assert langfuse_receiver.scores == []  # never posted on the other thread's trace
+    await replica.aclose()
+
+
+async def test_thread_ids_are_compared_exactly_as_sent_on_another_replica(
+    tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
+) -> None:
+    """Padded and long (past Langfuse's 200-character session id) thread ids: their owners rate
+    their own traces on a replica that asks the backends; the stripped id is another thread."""
+    mlflow_side: MlflowBackend = mlflow_backend()
+    padded, long = "  padded thread  ", "long-" + "x" * 600
+    producer = Observability([mlflow_side, langfuse_backend()], feedback_spool=tmp_path / "a.db")
+    with serve(TracingMiddleware(agui_app(), observability=producer)) as url:
+        [padded_trace] = (await post_run(url, run_input(padded, "r1"))).trace_ids
+        [long_trace] = (await post_run(url, run_input(long, "r2"))).trace_ids
+    await producer.aclose()
+    for trace_id in (padded_trace, long_trace):
+        await asyncio.to_thread(wait_for_trace, mlflow_side.tracking_uri, trace_id)
+    await asyncio.to_thread(
+        langfuse_receiver.wait_for_spans,
+        lambda spans: {padded_trace, long_trace} <= {span.trace_id for span in spans},
+    )
+
+    replica = Observability([mlflow_side, langfuse_backend()], feedback_spool=tmp_path / "b.db")
+    with serve(routed(replica)) as url:
+        own_padded = await post(url, rating(thread_id=padded, traceId=padded_trace, messageId="p"))
+        own_long = await post(url, rating(thread_id=long, traceId=long_trace, messageId="l"))
+        stripped = await post(url, rating(thread_id=padded.strip(), traceId=padded_trace))
+    assert [r.status_code for r in (own_padded, own_long, stripped)] == [200, 200, 403]
+    assert {own_padded.json()["event"]["ownership"], own_long.json()["event"]["ownership"]} == {"checked"}
+    scores = await asyncio.to_thread(langfuse_receiver.wait_for_scores, 2, 30)
+    assert {(score["metadata"]["messageId"], score["traceId"]) for score in scores} == {
+        ("p", padded_trace),
+        ("l", long_trace),
+    }
+    await replica.aclose()
+
+
 # -- the durable queue -----------------------------------------------------------------------------
 
 
@@ -231,6 +289,62 @@ async def test_the_queue_file_is_private_and_a_full_queue_answers_503_and_drops_
         scores = await asyncio.to_thread(langfuse_receiver.wait_for_scores, 3)
     assert sorted(score["metadata"]["messageId"] for score in scores) == ["m0", "m1", "m2"]
     await obs.aclose()
+
+
+async def test_the_byte_limit_answers_503_and_an_oversized_rating_413(
+    tmp_path: Path, langfuse_backend: Any
+) -> None:
+    obs = Observability(
+        [langfuse_backend(host=f"http://127.0.0.1:{free_port()}")],  # nothing listens: all stay queued
+        feedback_spool=tmp_path / "feedback.db",
+        feedback_limits=Limits(max_bytes=8_000),
+    )
+    with serve(routed(obs)) as url:
+        answers = [
+            await post(url, rating(thread_id="t", comment="c" * 2_000, messageId=f"m{n}"), user=f"u{n}")
+            for n in range(6)
+        ]
+        statuses = [answer.status_code for answer in answers]
+        assert statuses[:3] == [200, 200, 200] and 503 in statuses, statuses
+        assert obs.ratings.counts()["waiting"] == statuses.count(200)  # nothing accepted was dropped
+    await obs.aclose()
+
+
+async def test_a_rating_over_256_kib_once_stored_is_refused_413(
+    tmp_path: Path, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
+) -> None:
+    """A body under the limit can grow past it once stored (the caller's id, transcript framing):
+    the stored size is checked too, so one pending rating never holds more than 256 KiB."""
+    text = "\x01" * 4_000  # 6 bytes each, sent and stored (\u0001)
+    transcript = [{"role": "u", "content": text}] * 7 + [{"role": "u", "content": text[:3_000]}]
+    body = rating(
+        thread_id="t", comment=text, reason=text, context=text, includeTranscript=True, transcript=transcript
+    )
+    assert 250_000 < len(json.dumps(body)) < 256 * 1024
+    obs = Observability([langfuse_backend()], feedback_spool=tmp_path / "feedback.db")
+    with serve(routed(obs)) as url:
+        fits = await post(url, body, user="alice")
+        too_big = await post(url, body, user="a" * 7_000)  # the rater is stored with the rating
+    assert fits.status_code == 200, fits.text
+    assert too_big.status_code == 413 and "once stored" in too_big.json()["error"]
+    [score] = await asyncio.to_thread(langfuse_receiver.wait_for_scores, 1, 30)
+    assert score["metadata"]["user"] == "alice" and len(score["comment"]) > 40_000
+    await obs.aclose()
+
+
+def test_set_aside_rows_are_kept_within_the_row_and_byte_limits(tmp_path: Path) -> None:
+    store = RatingStore(tmp_path / "feedback.db", Limits(max_bytes=5_000, max_set_aside=100))
+    for number in range(10):
+        body = rating(thread_id="t", traceId="ab" * 16, comment="c" * 1_000, messageId=f"m{number}")
+        [error] = store.add_many([(parse_feedback(json.dumps(body).encode()), ["langfuse"], False, None)])
+        assert error is None
+        [claimed] = store.claim("langfuse", "test", 1)
+        store.set_aside(claimed.rating_id, None, "refused")
+    kept = store.counts()["set_aside"]
+    assert 1 <= kept < 5  # the newest that fit in 5,000 bytes
+    rows = sqlite3.connect(store.path).execute("SELECT total(size), max(id) FROM ratings").fetchone()
+    assert rows[0] <= 5_000 and rows[1] == 10  # the newest is kept
+    store.close()
 
 
 async def test_per_thread_and_per_caller_limits_answer_429(tmp_path: Path, langfuse_backend: Any) -> None:

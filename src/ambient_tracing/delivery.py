@@ -9,8 +9,12 @@ them. A backend that is down or slow delays only its own deliveries.
 Retries: backend errors are retried with backoff (capped at ``MAX_RETRY_INTERVAL``) for as long as it
 takes; a trace that is not stored is waited for ``trace_wait_seconds`` after the rating, then the
 rating is set aside. Ratings whose owner could not be checked when they came are checked here before
-anything is sent. Memory: at most ``CLAIM_BATCH`` ratings per backend are held at a time (each at most
-~``MAX_BODY_BYTES``), plus the writer's queue of not yet committed ones (``MAX_WAITING_WRITES``).
+anything is sent.
+
+Memory: acknowledged ratings wait in the file, not in memory. Held at a time: ``CLAIM_BATCH`` per
+backend being delivered, and up to ``MAX_WAITING_WRITES`` + ``WRITE_BATCH`` not yet committed (each
+of a request still waiting for its answer; more get 503). Each is at most ``MAX_STORED_BYTES``
+(256 KiB): ≤ 28 MiB with two backends whatever the number pending, ~100 KiB for 1 KiB ratings.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ MAX_RETRY_INTERVAL = 30.0
 DEFAULT_TRACE_WAIT_SECONDS = 120.0
 #: A backend thread looks for work (e.g. from other processes) at least this often.
 POLL_SECONDS = 1.0
-CLAIM_BATCH = 16
-WRITE_BATCH = 64
-MAX_WAITING_WRITES = 256
+CLAIM_BATCH = 8
+WRITE_BATCH = 32
+MAX_WAITING_WRITES = 64
 
 _Write = tuple[Rating, list[str], bool, "str | None", "Future[list[str]]"]
 

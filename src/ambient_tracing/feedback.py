@@ -93,6 +93,7 @@ async def _handle(
     data = decode_body(await _read_body(request))
     rating = _as_caller(rating_from(data), resolve_user(request.scope)[0], allow_anonymous)
     rating, checked = await _resolve(observability, request, rating, authorize)
+    rating.check_size()
     accepted: list[str] = []
     if observability.enabled:
         future = observability.submit_rating(rating, caller=rating.user_id, check_owner=not checked)

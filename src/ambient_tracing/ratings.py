@@ -19,6 +19,8 @@ KINDS: tuple[RatingKind, ...] = ("thumbs_up", "thumbs_down", "correction")
 FEEDBACK_NAME = "user-feedback"
 CORRECTION_NAME = "user-correction"
 MAX_BODY_BYTES = 256 * 1024
+#: The most one rating takes once stored (its JSON, the caller's identity included): 413 beyond.
+MAX_STORED_BYTES = MAX_BODY_BYTES
 MAX_FIELD_CHARS = 4_000
 #: A thread id longer than this is refused (400), never cut: a cut id would name another thread.
 MAX_THREAD_ID_CHARS = 1_000
@@ -73,6 +75,11 @@ class Rating:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
+
+    def check_size(self) -> None:
+        """FeedbackError(413) when the stored rating would be over ``MAX_STORED_BYTES``."""
+        if len(self.to_json().encode("utf-8")) > MAX_STORED_BYTES:
+            raise FeedbackError(413, f"the rating is over {MAX_STORED_BYTES // 1024} KiB once stored")
 
     @classmethod
     def from_json(cls, line: str | bytes) -> Rating:

@@ -10,7 +10,8 @@ method blocks on file I/O and is called from the package's own threads, never th
 A delivery that cannot be done (undecodable row, refused by the backend, trace never stored, trace of
 another thread) is *set aside*: kept with its reason, logged by id (never its text), no longer
 retried and no longer counted against the limits; the oldest set-aside rows beyond
-``max_set_aside`` are deleted.
+``max_set_aside`` rows or ``max_bytes`` bytes are deleted. On disk: at most ``max_bytes`` waiting plus
+``max_bytes`` set aside (64 MiB each by default), and the WAL.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class TooManyPending(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds of the store; rows and bytes count ratings not yet delivered (set-aside ones excluded)."""
+    """Bounds of the store. ``max_rows`` / ``max_bytes`` bound the ratings not yet delivered; set-aside
+    ones are kept apart, the newest ``max_set_aside`` rows up to ``max_bytes`` bytes."""
 
     max_rows: int = DEFAULT_MAX_ROWS
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -319,9 +321,12 @@ class RatingStore:
             self._prune(db)
 
     def _prune(self, db: sqlite3.Connection) -> None:
+        """Delete the oldest set-aside rows beyond ``max_set_aside`` rows or ``max_bytes`` bytes."""
         rows = db.execute(
-            "SELECT id FROM ratings WHERE set_aside IS NOT NULL ORDER BY id DESC LIMIT -1 OFFSET ?",
-            (self.limits.max_set_aside,),
+            "SELECT id FROM (SELECT id, row_number() OVER newest AS n, sum(size) OVER newest AS kept"
+            " FROM ratings WHERE set_aside IS NOT NULL WINDOW newest AS (ORDER BY id DESC))"
+            " WHERE n > ? OR kept > ? ORDER BY id DESC",
+            (self.limits.max_set_aside, self.limits.max_bytes),
         ).fetchall()
         if rows:
             logger.warning(
