@@ -5,13 +5,15 @@
 One app served by uvicorn: MLflow (sqlite store, MLflow's default batched export) and Langfuse (the
 real SDK exporting to the loopback receiver), the feedback endpoint mounted as a route.
 
-* throughput: ``--ratings`` thumbs (distinct messages, so distinct ratings) on one known trace,
-  ``--concurrency`` at a time over HTTP; ratings answered ``recorded: true`` per second.
+* throughput: ``--ratings`` thumbs (distinct messages, so distinct ratings) on the known traces of
+  8 threads from 40 callers, ``--concurrency`` at a time over HTTP; ratings answered
+  ``recorded: true`` per second.
 * delay: ``--runs`` rounds of one AG-UI run, then at once a rating without a trace id, then polling
   (every 20 ms) until the rating is on the run's trace in MLflow (an assessment) and in Langfuse (a
   score with that trace id).
 
-Run it with ``PYTHONPATH=<checkout>/src`` to measure another checkout's code (before/after).
+Run it with ``PYTHONPATH=<checkout>/src`` to measure another checkout's code, or let
+:mod:`benchmarks.feedback_compare` run two checkouts in turn and print them side by side.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from ambient_tracing.backends.langfuse import LangfuseBackend
 from ambient_tracing.backends.mlflow import MlflowBackend
 
 USER = {"x-current-user-id": "bench-user"}
+#: Throughput ratings are spread over this many threads (one run each) and callers, as many users
+#: rating many runs would be (one thread and one caller would meet the per-thread/caller limits).
+THREADS = 8
+USERS = 40
 
 
 def _body(thread: str, trace_id: str | None, message: str) -> str:
@@ -55,15 +61,20 @@ def _body(thread: str, trace_id: str | None, message: str) -> str:
 
 
 async def _throughput(http: httpx.AsyncClient, url: str, ratings: int, concurrency: int) -> tuple[float, int]:
-    [trace_id] = (await post_run(url, run_input("tp-thread", "tp-run"), client=http)).trace_ids
+    traces = [
+        (await post_run(url, run_input(f"tp-thread-{n}", f"tp-run-{n}"), client=http)).trace_ids[0]
+        for n in range(THREADS)
+    ]
     gate = asyncio.Semaphore(concurrency)
     recorded = 0
 
     async def one(number: int) -> None:
         nonlocal recorded
         async with gate:
-            body = _body("tp-thread", trace_id, f"tp-message-{number}")
-            response = await http.post(f"{url}/feedback", content=body, headers=USER)
+            thread = number % THREADS
+            body = _body(f"tp-thread-{thread}", traces[thread], f"tp-message-{number}")
+            headers = {"x-current-user-id": f"bench-user-{number % USERS}"}
+            response = await http.post(f"{url}/feedback", content=body, headers=headers)
             if response.status_code == 200 and response.json()["event"]["recorded"]:
                 recorded += 1
 
@@ -133,10 +144,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--ratings", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="also write the figures here (for feedback_compare)")
     args = parser.parse_args()
     print(f"code under test: {ambient_tracing.__file__}")
     with tempfile.TemporaryDirectory() as root, LangfuseReceiver() as receiver:
         result = asyncio.run(measure(args, Path(root), receiver))
+    if args.json:
+        args.json.write_text(json.dumps(result))
     rows = [
         ("accepted ratings/s", f"{result['rate']:.0f} ({result['recorded']}/{args.ratings} recorded)"),
         ("POST -> Langfuse, median", f"{statistics.median(result['langfuse']):.2f} s"),
