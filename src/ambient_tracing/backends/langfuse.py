@@ -41,6 +41,7 @@ from .langfuse_otlp import (
     TYPES,
     LangfuseMapper,
     basic_auth,
+    fit,
     propagated,
     standalone_props,
     usage_details,
@@ -262,7 +263,7 @@ class LangfuseBackend:
 
     def stored_thread_id(self, thread_id: str) -> str:
         """The thread id as Langfuse stores it as session id (cut to its 200 character limit)."""
-        return _fit(thread_id) or ""
+        return fit(thread_id) or ""
 
     def latest_trace_id(self, thread_id: str) -> str | None:
         """Blocking: the newest run trace of the thread's session, via the public API."""

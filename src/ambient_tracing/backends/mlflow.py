@@ -44,7 +44,7 @@ try:
     )
     from mlflow.exceptions import MlflowException
     from mlflow.tracing.client import TracingClient
-    from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, TraceMetadataKey
+    from mlflow.tracing.constant import TraceMetadataKey
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
 
@@ -62,6 +62,8 @@ from .mlflow_otlp import (
     context_tags,
     custom_metadata,
     end_attributes,
+    fit_conversation,
+    fit_session,
     present,
 )
 
@@ -196,13 +198,13 @@ class MlflowBackend:
             **context_tags(turn.attributes or {}),
         }
         metadata = {
-            TraceMetadataKey.TRACE_SESSION: _session(turn.thread_id),
+            TraceMetadataKey.TRACE_SESSION: fit_session(turn.thread_id),
             TraceMetadataKey.TRACE_USER: turn.user_id,
             "user_name": turn.user_name,
             **context_metadata(turn.attributes or {}),
         }
         attributes = {
-            **_fit_conversation(turn.attributes or {}),
+            **fit_conversation(turn.attributes or {}),
             "ambient.runner_type": turn.runner_type,
             "ambient.session_id": turn.thread_id,
             "ambient.user_id": turn.user_id,
@@ -265,7 +267,7 @@ class MlflowBackend:
             **context_tags(metadata or {}),
         }
         trace_metadata = {
-            TraceMetadataKey.TRACE_SESSION: _session(thread_id),
+            TraceMetadataKey.TRACE_SESSION: fit_session(thread_id),
             TraceMetadataKey.TRACE_USER: user_id,
             **context_metadata(metadata or {}),
         }
@@ -533,7 +535,7 @@ class _TraceInfoWriter:
         turn = record.turn
         metadata = {
             **self.environment(),
-            TraceMetadataKey.TRACE_SESSION: turn.thread_id,
+            TraceMetadataKey.TRACE_SESSION: fit_session(turn.thread_id),
             TraceMetadataKey.TRACE_USER: turn.user_id,
             "mlflow.trace_schema.version": "3",
             **custom_metadata(record),
@@ -621,21 +623,3 @@ def _same(earlier: Any, new: Feedback | Expectation) -> bool:
         and earlier.rationale == new.rationale
         and (earlier.metadata or {}) == (new.metadata or {})
     )
-
-
-_CONVERSATION = "gen_ai.conversation.id"
-
-
-def _session(thread_id: str | None) -> str | None:
-    """The thread as MLflow's session id, cut to its limit (MLflow refuses the whole trace past it);
-    the ``ambient.thread_id`` tag keeps the id whole."""
-    return thread_id[:MAX_CHARS_IN_TRACE_INFO_METADATA] if thread_id else thread_id
-
-
-def _fit_conversation(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    """``gen_ai.conversation.id`` cut as :func:`_session`: MLflow's server reads its session from it
-    and refuses the run's spans past the limit."""
-    conversation = attributes.get(_CONVERSATION)
-    if not isinstance(conversation, str) or len(conversation) <= MAX_CHARS_IN_TRACE_INFO_METADATA:
-        return dict(attributes)
-    return {**attributes, _CONVERSATION: _session(conversation)}

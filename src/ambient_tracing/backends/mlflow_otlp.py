@@ -21,6 +21,9 @@ from ..records import SpanRecord
 from .base import SpanKind, TokenUsage
 
 TRACES_PATH = "/v1/traces"
+#: MLflow's limit on a session id (trace metadata): the server refuses the whole trace past it.
+MAX_SESSION_CHARS = 250
+CONVERSATION = "gen_ai.conversation.id"
 EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 TRACE_ID_PREFIX = "tr-"
 TAG_PREFIX = "mlflow.traceTag."
@@ -122,7 +125,7 @@ class MlflowMapper:
         if record.parent_id is None:
             attributes.update(self._trace_level(record))
             attributes["mlflow.experimentId"] = self.experiment_id
-        attributes.update(record.attributes or {})
+        attributes.update(fit_conversation(record.attributes or {}))
         attributes["mlflow.traceRequestId"] = TRACE_ID_PREFIX + record.trace_id
         span_type = SPAN_TYPES.get(record.kind, "UNKNOWN")
         attributes["mlflow.spanType"] = span_type
@@ -177,10 +180,24 @@ class MlflowMapper:
             }
         # Session and user as OTLP ingest reads them, so the trace has them from its first moment
         # (the rest of its metadata follows in one StartTraceV3 call).
-        attributes["session.id"] = turn.thread_id or None
+        attributes["session.id"] = fit_session(turn.thread_id) or None
         attributes["user.id"] = turn.user_id
         tags["mlflow.traceName"] = record.name
         for key, value in tags.items():
             if value is not None:
                 attributes[TAG_PREFIX + key] = value
         return present(attributes)
+
+
+def fit_session(thread_id: str | None) -> str | None:
+    """The thread as MLflow's session id, cut to its limit; the ``ambient.thread_id`` tag keeps the
+    id whole (ownership of ratings is read from the tag)."""
+    return thread_id[:MAX_SESSION_CHARS] if thread_id else thread_id
+
+
+def fit_conversation(attributes: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``gen_ai.conversation.id`` cut as :func:`fit_session`: MLflow reads the session from it too."""
+    conversation = attributes.get(CONVERSATION)
+    if not isinstance(conversation, str) or len(conversation) <= MAX_SESSION_CHARS:
+        return attributes
+    return {**attributes, CONVERSATION: fit_session(conversation)}
