@@ -267,3 +267,27 @@ def test_any_chunking_of_any_bytes_matches_reading_them_whole(
     stream = data.draw(_SOUP)
     chunks = data.draw(_chunked(stream))
     assert scan(chunks, max_event_bytes=max_event_bytes) == scan([stream], max_event_bytes=max_event_bytes)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_leading_bom_is_ignored_however_the_stream_is_split(data: st.DataObject) -> None:
+    body = b'data: {"type":"RUN_STARTED"}\n\ndata: {"type":"RUN_FINISHED"}\n\n'
+    stream = BOM + body
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=6)))
+    chunks = [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])]
+    found = scan(chunks)
+    assert [data for _, data in found] == [b'{"type":"RUN_STARTED"}', b'{"type":"RUN_FINISHED"}']
+    # Offsets are the stream's own: the id frame goes right after the first frame, BOM included.
+    assert [offset for offset, _ in found] == [len(BOM) + 30, len(stream)]
+
+
+def test_bom_only_at_the_start_and_not_a_bom_prefix() -> None:
+    # A BOM later in the stream is data (SSE ignores only the first character of the stream).
+    assert scan([b"data: a\n\n" + BOM + b"data: b\n\n"]) == [(9, b"a"), (21, None)]
+    # Bytes that begin like a BOM but are not one stay in the stream.
+    assert scan([b"\xef", b"\xbbX\n\ndata: c\n\n"]) == [(5, None), (14, b"c")]
+    assert scan([BOM, BOM + b"data: d\n\n"]) == [(15, None)]

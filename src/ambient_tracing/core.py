@@ -127,13 +127,23 @@ class _Reasoning:
 
 
 @dataclass(slots=True)
+class _Step:
+    name: str
+    span: Span
+    open: bool = True
+
+
+@dataclass(slots=True)
 class _Run:
     turn: Turn
     root: _Node
     text: _Text
     other_role_messages: set[str] = field(default_factory=set)
     tools: dict[str, _ToolCall] = field(default_factory=dict)
-    steps: list[tuple[str, Span]] = field(default_factory=list)
+    # Open steps, innermost last; a step finished out of order stays (closed) until it is on top.
+    steps: list[_Step] = field(default_factory=list)
+    # Open steps by name, innermost last: STEP_FINISHED finds its step without searching the stack.
+    steps_by_name: dict[str, list[_Step]] = field(default_factory=dict)
     reasoning: list[_Reasoning] = field(default_factory=list)
     subagents: dict[str, Span] = field(default_factory=dict)
     spans_left: int = 0
@@ -203,7 +213,7 @@ class StreamTracer:
         subagent = run.subagents.get(_id(event, "subagentRunId"))
         if subagent is not None:
             return subagent
-        return run.steps[-1][1] if run.steps else run.root
+        return run.steps[-1].span if run.steps else run.root
 
     def _owner(self, run: _Run, event: Event) -> Span:
         """Where a tool call or reasoning nests: its subagent, else the turn, never a step. Producers
@@ -214,7 +224,7 @@ class StreamTracer:
 
     @staticmethod
     def _step_attribute(run: _Run) -> dict[str, str]:
-        return {"ambient.step": run.steps[-1][0]} if run.steps else {}
+        return {"ambient.step": run.steps[-1].name} if run.steps else {}
 
     def _child(self, run: _Run, parent: Span, name: str, kind: SpanKind, **options: Any) -> Span:
         """A child span, or a NullSpan past the run's span cap (counted, reported on the turn)."""
@@ -252,8 +262,9 @@ class StreamTracer:
             )
         for reasoning in reversed(run.reasoning):
             reasoning.span.end(output=self._mask(reasoning.text.value()), error=child_error)
-        for _, step in reversed(run.steps):
-            step.end(error=child_error)
+        for step in reversed(run.steps):
+            if step.open:
+                step.span.end(error=child_error)
         for subagent in run.subagents.values():
             subagent.end(error=child_error)
         turn = run.turn
@@ -456,16 +467,24 @@ class StreamTracer:
 
     def _on_step_started(self, run: _Run, event: Event) -> None:
         name = _str(event.get("stepName")) or "unnamed"
-        run.steps.append((name, self._child(run, self._parent(run, event), f"step_{name}", SpanKind.STEP)))
+        step = _Step(name, self._child(run, self._parent(run, event), f"step_{name}", SpanKind.STEP))
+        run.steps.append(step)
+        run.steps_by_name.setdefault(name, []).append(step)
 
     def _on_step_finished(self, run: _Run, event: Event) -> None:
-        steps = run.steps
         name = _str(event.get("stepName")) or "unnamed"
-        for index in range(len(steps) - 1, -1, -1):
-            if steps[index][0] == name:
-                steps.pop(index)[1].end()
-                return
-        self.warn("STEP_FINISHED for a step that is not open: %r", name)
+        same_name = run.steps_by_name.get(name)
+        if not same_name:
+            self.warn("STEP_FINISHED for a step that is not open: %r", name)
+            return
+        step = same_name.pop()
+        if not same_name:
+            del run.steps_by_name[name]
+        step.open = False
+        step.span.end()
+        steps = run.steps
+        while steps and not steps[-1].open:  # each step is popped once: constant time per event
+            steps.pop()
 
     def _open_reasoning(self, run: _Run, event: Event, *, implicit: bool) -> _Reasoning:
         reasoning = _Reasoning(

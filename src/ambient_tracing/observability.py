@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .config import (
 )
 from .deferred import SpanWorker, open_deferred_turn
 from .delivery import DEFAULT_TRACE_WAIT_SECONDS, RatingDelivery
+from .detached import call_detached
 from .fanout import FanoutSpan
 from .ids import new_trace_id, parse_trace_id
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ambient_tracing")
 
 
+#: What aclose allows past ``flush_timeout`` for the steps that bound themselves by it.
+CLOSE_GRACE_SECONDS = 1.0
 SETUP_RETRY_SECONDS = 2.0
 MAX_SETUP_RETRY_SECONDS = 60.0
 
@@ -69,6 +73,14 @@ def _accepts(backend: TracingBackend, trace_id: str) -> bool:
     except Exception as exc:
         logger.warning("ambient-tracing: %s could not tell whether it records a run: %r", backend.name, exc)
         return False
+
+
+def _flusher(backend: TracingBackend, timeout: float) -> Callable[[], None]:
+    def flush_and_shut_down() -> None:
+        backend.flush(timeout)
+        backend.shutdown()
+
+    return flush_and_shut_down
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,12 +311,29 @@ class Observability:
             stream.close(error="shutdown before the run finished")
         if self._sessions is not None:
             self._sessions.close()  # Session Metrics spans, before the flush below sends them
+        # One deadline for everything: whatever the SDKs do, aclose returns within flush_timeout plus
+        # a grace, and what is still hung is left on daemon threads that do not hold up the exit.
+        deadline = time.monotonic() + self.flush_timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         # Ratings first: accepted ones are on disk already; this only stops their threads.
-        await self._in_thread(self.ratings.close, min(5.0, self.flush_timeout), "rating delivery")
-        await self._in_thread(self._span_worker.close, self.flush_timeout, "span worker")
-        for backend in self.backends:
-            await self._in_thread(backend.flush, self.flush_timeout, f"{backend.name} flush")
-            await self._in_thread(backend.shutdown, None, f"{backend.name} shutdown")
+        ratings_wait = min(5.0, left())
+        await call_detached(
+            lambda: self.ratings.close(ratings_wait), ratings_wait + CLOSE_GRACE_SECONDS, "rating delivery"
+        )
+        await call_detached(
+            lambda: self._span_worker.close(left()), left() + CLOSE_GRACE_SECONDS, "span worker"
+        )
+        await asyncio.gather(
+            *(
+                call_detached(
+                    _flusher(backend, left()), left() + CLOSE_GRACE_SECONDS, f"{backend.name} flush"
+                )
+                for backend in self.backends
+            )
+        )
 
     async def end_session(self, thread_id: str) -> bool:
         """Emit the thread's ``Session Metrics`` span now; False when it has no unreported activity.
@@ -312,13 +341,6 @@ class Observability:
         Only creates spans (the backends export them in the background), so it returns at once.
         """
         return self._sessions is not None and self._sessions.end_session(thread_id)
-
-    async def _in_thread(self, function: Any, argument: Any, what: str) -> None:
-        args = () if argument is None else (argument,)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(function, *args), timeout=self.flush_timeout + 1)
-        except Exception as exc:
-            logger.warning("ambient-tracing: %s failed: %r", what, exc)
 
     # -- used by the doors -------------------------------------------------------------------------
 
@@ -338,7 +360,10 @@ class Observability:
         else a new random one. No SDK call happens here: backends with a ``span_sink`` get the
         package's own span records (exported on their thread), SDK backends open the turn on the
         span worker. The id is announced when one of them :meth:`accepts <TracingBackend>` it.
+        None after :meth:`aclose`: no run is announced that no backend would record.
         """
+        if self._closed:
+            return None
         if self._setup is None:
             self._begin_setup()
         chosen = parse_trace_id(trace_id) or new_trace_id()

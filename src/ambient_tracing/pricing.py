@@ -12,6 +12,9 @@ from types import MappingProxyType
 
 from .backends.base import TokenUsage
 
+#: Longest model name that is priced; real ones are well under 100 characters.
+MAX_MODEL_NAME_CHARS = 256
+
 
 @dataclass(slots=True)
 class TokenCounts:
@@ -105,13 +108,17 @@ class Pricing:
         self._prefixes = sorted(((k.lower(), v) for k, v in table.items()), key=lambda kv: -len(kv[0]))
 
     def price(self, model: str | None) -> ModelPrice | None:
-        if not model:
+        """The price of the longest prefix matching the name (or a part after a provider prefix).
+
+        Names longer than :data:`MAX_MODEL_NAME_CHARS` have no price: a name comes off the wire,
+        and matching every part of a huge one would cost time quadratic in its length.
+        """
+        if not model or len(model) > MAX_MODEL_NAME_CHARS:
             return None
         name = model.strip().lower()
         for start in (0, *(i + 1 for i, char in enumerate(name) if char in ":/.")):
-            candidate = name[start:]
             for prefix, price in self._prefixes:
-                if candidate.startswith(prefix):
+                if name.startswith(prefix, start):
                     return price
         return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_MAX_THREADS = 10_000
 DEFAULT_IDLE_SECONDS = 6 * 3600.0
@@ -13,7 +13,8 @@ DEFAULT_IDLE_SECONDS = 6 * 3600.0
 
 @dataclass(slots=True)
 class _Thread:
-    current: str | None = None
+    # The thread's open turns, oldest first (runs of one thread may overlap).
+    open: dict[str, None] = field(default_factory=dict)
     last: str | None = None
     turns: int = 0
     touched: float = 0.0
@@ -49,7 +50,8 @@ class ThreadRegistry:
 
     def turn_started(self, thread_id: str, trace_id: str) -> None:
         thread = self._touch(thread_id)
-        thread.current = thread.last = trace_id
+        thread.open[trace_id] = None
+        thread.last = trace_id
         self._trace_threads[trace_id] = thread_id
         if len(self._trace_threads) > self._max_traces:
             self._trace_threads.popitem(last=False)
@@ -61,8 +63,7 @@ class ThreadRegistry:
 
     def turn_ended(self, thread_id: str, trace_id: str) -> None:
         thread = self._touch(thread_id)
-        if thread.current == trace_id:
-            thread.current = None
+        thread.open.pop(trace_id, None)
         if thread.last is None:
             thread.last = trace_id
 
@@ -81,8 +82,9 @@ class ThreadRegistry:
         }
 
     def current(self, thread_id: str) -> str | None:
+        """The newest of the thread's turns that is still open."""
         thread = self._get(thread_id)
-        return thread.current if thread else None
+        return next(reversed(thread.open), None) if thread else None
 
     def last(self, thread_id: str) -> str | None:
         thread = self._get(thread_id)

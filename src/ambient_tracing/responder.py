@@ -38,6 +38,11 @@ def trace_id_frame(trace_id: str) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+def declares_length(message: Message) -> bool:
+    """Whether a response start declares ``Content-Length``: then no byte may be added to its body."""
+    return any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
+
+
 def is_event_stream(message: Message) -> bool:
     if not 200 <= message.get("status", 200) < 300:
         return False
@@ -55,6 +60,7 @@ class RunResponder:
     """One request: copies the request body, traces the SSE body, passes every byte on."""
 
     __slots__ = (
+        "_announce",
         "_app",
         "_body",
         "_body_size",
@@ -92,6 +98,8 @@ class RunResponder:
         self._finished = False
         self._disconnected = False
         self._skip: bytes | None = None  # see _passes_untraced
+        # False for a body of declared length: its runs are traced, their ids not inserted.
+        self._announce = True
 
     @property
     def traces_response(self) -> bool:
@@ -138,6 +146,7 @@ class RunResponder:
         elif kind == "http.response.start":
             if is_event_stream(message):
                 self._scanner = SseScanner()
+                self._announce = not declares_length(message)
             else:
                 self._body_size = MAX_REQUEST_BYTES + 1  # not a run: stop copying the request body
                 self._body.clear()
@@ -189,7 +198,7 @@ class RunResponder:
             self._trace_all(later)
             later = []
             trace_id = self._trace(frame)
-            if trace_id is not None:
+            if trace_id is not None and self._announce:
                 await self._send_part(trace_id_frame(trace_id))
         await self._send(message if start == 0 else {**message, "body": body[start:]})
         self._trace_all(later)

@@ -13,6 +13,8 @@ import re
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 _CR = 13
+# SSE: a UTF-8 byte order mark at the very start of the stream is ignored.
+_BOM = b"\xef\xbb\xbf"
 # A blank line: one line ending right after another. Atomic groups keep "\r\n" from being read as
 # two endings ("\r" then "\n"), which would make every CRLF line look like a blank line.
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
@@ -42,7 +44,7 @@ class SseScanner:
     data or too large to keep).
     """
 
-    __slots__ = ("_buffer", "_held", "_max_event_bytes", "_oversized", "_seen_cr")
+    __slots__ = ("_bom", "_buffer", "_held", "_max_event_bytes", "_oversized", "_seen_cr")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._buffer = bytearray()
@@ -52,15 +54,19 @@ class SseScanner:
         # A frame whose blank line ended in CR at the end of a chunk: the next chunk may begin with
         # the LF of that CRLF, so the frame's true end is known only then.
         self._held: list[bytes | None] = []
+        # The bytes of a BOM seen so far at the start of the stream; None once past the start.
+        self._bom: bytes | None = b""
 
     @property
     def idle(self) -> bool:
         """Whether no partial frame is pending: the next chunk starts a new frame."""
-        return not self._buffer and not self._held and not self._oversized
+        return not self._buffer and not self._held and not self._oversized and not self._bom
 
     def feed(self, chunk: bytes) -> list[Frame]:
         if not chunk:
             return []
+        if self._bom is not None:
+            return self._feed_first(chunk)
         if (
             # The common case, one whole LF-framed event per chunk, without copying into the buffer.
             not self._buffer
@@ -110,6 +116,21 @@ class SseScanner:
             self._oversized = True
             del buffer[:-_OVERLAP]
         return frames
+
+    def _feed_first(self, chunk: bytes) -> list[Frame]:
+        """A chunk at the start of the stream: a leading BOM (even split across chunks) is skipped."""
+        seen = self._bom or b""
+        wanted = _BOM[len(seen) :]
+        size = min(len(wanted), len(chunk))
+        if chunk[:size] != wanted[:size]:
+            self._bom = None
+            self._buffer += seen  # not a BOM after all: those bytes are the stream's
+            return self.feed(chunk)
+        if size < len(wanted):
+            self._bom = seen + chunk
+            return []
+        self._bom = None
+        return [(offset + size, data) for offset, data in self.feed(chunk[size:])]
 
     def finish(self) -> list[Frame]:
         """At the end of the stream: the frame still held back, at offset 0 of nothing."""

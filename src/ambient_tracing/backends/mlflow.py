@@ -88,6 +88,22 @@ def artifacts_beside(tracking_uri: str, experiment_name: str) -> str | None:
     return (Path(path).resolve().parent / "mlartifacts" / folder).as_uri()
 
 
+def _skip_missing_prediction_context() -> None:
+    """With mlflow-skinny (no numpy) ``mlflow.pyfunc`` cannot be imported, and MLflow retries that
+    import (a failed import is not cached) several times per root span: milliseconds each. Without
+    pyfunc there is no prediction context, so MLflow is told so once, here."""
+    try:
+        import mlflow.pyfunc.context  # noqa: F401
+    except (ImportError, KeyError):
+        import mlflow.tracing.utils as tracing_utils
+
+        if hasattr(tracing_utils, "_try_get_prediction_context"):
+            tracing_utils._try_get_prediction_context = lambda: None  # type: ignore[attr-defined]
+
+
+_skip_missing_prediction_context()
+
+
 def to_mlflow_trace_id(trace_id: str) -> str:
     """``tr-<hex>`` from a bare 32 hex id (an id already in MLflow's form is returned as is)."""
     return trace_id if trace_id.startswith(TRACE_ID_PREFIX) else TRACE_ID_PREFIX + trace_id
