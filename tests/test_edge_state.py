@@ -26,15 +26,18 @@ def test_steps_finished_out_of_order_end_once_and_parent_the_innermost_open_one(
     tracer.on_event(started("th", "r"))
     for event in [step("STARTED", "a"), step("STARTED", "b"), step("STARTED", "c"), step("FINISHED", "b")]:
         tracer.on_event(event)
-    # c is still innermost: a tool started now belongs to it.
+    # c is still innermost: a tool started now is made in it.
     tracer.on_event({"type": "TOOL_CALL_START", "toolCallId": "t1", "toolCallName": "Grep"})
     tracer.on_event(step("FINISHED", "c"))
     # b was finished already, so the innermost open step is a.
     tracer.on_event({"type": "TOOL_CALL_START", "toolCallId": "t2", "toolCallName": "Read"})
+    tracer.on_event(step("STARTED", "d"))
     tracer.on_event(step("FINISHED", "nope"))  # matches no open step: warned, ignored
     tracer.on_event({"type": "RUN_FINISHED"})
     [turn] = backend.turns
-    assert turn.find("step_c").find("tool_Grep") and turn.find("step_a").find("tool_Read")
+    assert turn.find("tool_Grep").attributes["ambient.step"] == "c"
+    assert turn.find("tool_Read").attributes["ambient.step"] == "a"
+    assert turn.find("step_d").parent is turn.find("step_a")
     assert [span.ended for span in turn.walk()] == [1] * len(turn.walk())
     assert all(span.error is None for span in turn.walk())  # a, still open, ended with the run
 

@@ -26,11 +26,14 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import TokenUsage
-from .masking import MAX_VISIBLE_CHARS
+from .emitter import Emitter
+from .masking import mask as mask_value
+from .masking import mask_id
 from .pricing import ModelPrice, Pricing, TokenCounts
 from .tool_signals import (
     DEFAULT_CLARIFICATION_NAMES,
@@ -52,6 +55,8 @@ DEFAULT_SESSION_IDLE_SECONDS = 900.0
 #: The origin runner's value for a namespace or workflow name it does not know.
 UNKNOWN = "unknown"
 RUN_CATEGORY = "run"  # failures of a RUN_ERROR with no tool call open
+#: Threads examined per timer tick: the sweep's cost on the loop does not grow with their number.
+MAX_SWEEP_PER_TICK = 64
 _MAX_KEYS = 100  # categories, reasons per category and models kept per report; the rest count as "other"
 _OTHER = "other"
 
@@ -223,7 +228,7 @@ class SessionMetrics:
 
     # -- read by the reporter ----------------------------------------------------------------------
 
-    def report(self, pricing: Pricing, *, mask: bool = False) -> dict[str, Any]:
+    def report(self, pricing: Pricing) -> dict[str, Any]:
         """The counts since the last report, as a JSON-ready dict; resets them."""
         totals = TokenCounts()
         cost: float | None = None
@@ -236,14 +241,7 @@ class SessionMetrics:
                 unpriced.append(model)
             else:
                 cost = (cost or 0.0) + model_cost
-
-        def reason(text: str) -> str:
-            return text if not mask or len(text) <= MAX_VISIBLE_CHARS else text[: MAX_VISIBLE_CHARS - 1] + "…"
-
-        failures = {
-            category: {reason(text): n for text, n in reasons.items()}
-            for category, reasons in self.tool_failures.items()
-        }
+        failures = {category: dict(reasons) for category, reasons in self.tool_failures.items()}
         report = {
             "thread_id": self.thread_id,
             "runs": self.runs,
@@ -322,8 +320,9 @@ class SessionReporter:
     """Holds the :class:`SessionMetrics` of every thread and emits them as ``Session Metrics`` spans.
 
     Idle threads are reported from a ``loop.call_later`` timer (re-armed only while some thread has
-    unreported activity) and, without a running loop, when a run starts. Emitting only creates spans;
-    the backends export them from their own threads, so nothing here blocks the event loop.
+    unreported activity) and, without a running loop, when a run starts; a tick looks at no more than
+    :data:`MAX_SWEEP_PER_TICK` threads. The loop only takes each thread's counts; masking them and the
+    backends' span calls run on the reporter's own thread (:class:`~ambient_tracing.emitter.Emitter`).
     """
 
     def __init__(
@@ -353,6 +352,7 @@ class SessionReporter:
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._next_sweep = 0.0
         self._closed = False
+        self._emitter = Emitter("ambient-tracing-session-metrics")
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -387,45 +387,55 @@ class SessionReporter:
         self._arm()
         return session
 
-    def end_session(self, thread_id: str) -> bool:
-        """Report the thread now; False when it has nothing unreported."""
+    def end_session(self, thread_id: str) -> Future[None] | None:
+        """Report the thread now: done when its spans are made; None when it has nothing unreported."""
         session = self._sessions.get(thread_id)
         if session is None or not session.active:
-            return False
-        self._emit(session)
+            return None
+        done = self._emit(session)
         if not session.open_runs:
             del self._sessions[thread_id]
-        return True
+        return done
 
     def close(self) -> int:
-        """Report every thread with unreported activity and stop the timer; returns how many."""
+        """Report every thread with unreported activity (on the reporter's thread) and stop the timer;
+        returns how many. :meth:`drain` waits until they are recorded."""
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        reported = 0
-        for session in list(self._sessions.values()):
-            if session.active:
-                self._emit(session)
-                reported += 1
+        sessions = [session for session in self._sessions.values() if session.active]
         self._sessions.clear()
-        return reported
 
-    def sweep(self, now: float | None = None) -> int:
-        """Report the threads idle for ``idle_seconds`` with no run open; returns how many."""
+        def report_all() -> None:  # nothing feeds them any more: every stream was closed first
+            for session in sessions:
+                self._record(*self._take(session))
+
+        self._emitter.submit(report_all)
+        return len(sessions)
+
+    def drain(self, timeout: float) -> bool:
+        """Blocking: wait until every report emitted so far is recorded; False on timeout."""
+        return self._emitter.drain(timeout)
+
+    def sweep(self, now: float | None = None, limit: int | None = None) -> int:
+        """Report the threads idle for ``idle_seconds`` with no run open, looking at no more than
+        ``limit`` threads (least recently started first); returns how many were reported."""
         if self.idle_seconds is None:
             return 0
         deadline = (time.monotonic() if now is None else now) - self.idle_seconds
-        idle = [
-            session
-            for session in self._sessions.values()
-            if not session.open_runs and session.last_activity <= deadline
-        ]
-        for session in idle:
+        sessions = self._sessions
+        reported = 0
+        for _ in range(len(sessions) if limit is None else min(limit, len(sessions))):
+            session = next(iter(sessions.values()))
+            if session.open_runs or session.last_activity > deadline:
+                sessions.move_to_end(session.thread_id)  # busy: looked at again after the others
+                continue
             if session.active:
                 self._emit(session)
-            del self._sessions[session.thread_id]
-        return len(idle)
+            del sessions[session.thread_id]
+            reported += 1
+        return reported
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -435,10 +445,10 @@ class SessionReporter:
 
     def _sweep_if_due(self) -> None:
         if self.idle_seconds is not None and time.monotonic() >= self._next_sweep:
-            self.sweep()
+            self.sweep(limit=MAX_SWEEP_PER_TICK)
             self._next_sweep = time.monotonic() + self._period()
 
-    def _arm(self) -> None:
+    def _arm(self, delay: float | None = None) -> None:
         if self.idle_seconds is None or self._closed:
             return
         try:
@@ -450,40 +460,61 @@ class SessionReporter:
                 return
             self._timer.cancel()  # armed on a loop that has since stopped
         self._timer_loop = loop
-        self._timer = loop.call_later(self._period(), self._tick)
+        self._timer = loop.call_later(self._period() if delay is None else delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
+        reported = 0
         try:
-            self.sweep()
+            reported = self.sweep(limit=MAX_SWEEP_PER_TICK)
         except Exception:  # pragma: no cover - a report must never break the loop
             logger.warning("ambient-tracing: session metrics sweep failed", exc_info=True)
         if self._sessions:
-            self._arm()
+            # A full tick may have left idle threads behind: look again soon, after other work.
+            self._arm(0.001 if reported == MAX_SWEEP_PER_TICK else None)
 
-    def _emit(self, session: SessionMetrics) -> None:
-        report = session.report(self.pricing, mask=self._mask())
+    def _emit(self, session: SessionMetrics) -> Future[None]:
+        """Take the thread's counts (on the loop; bounded per thread) and record them off it."""
+        taken = self._take(session)
+        return self._emitter.submit(lambda: self._record(*taken))
+
+    def _take(self, session: SessionMetrics) -> tuple[dict[str, Any], dict[str, Any], Mapping[str, str]]:
+        """The thread's report (its counts reset), its identity and its context."""
         identity = {
             "session_id": session.thread_id,
             "user_id": session.user_id,
             "namespace": session.context.get("ambient.namespace", UNKNOWN),
             "user_name": session.user_name,
         }
+        return session.report(self.pricing), identity, session.context
+
+    def _record(self, report: dict[str, Any], identity: dict[str, Any], context: Mapping[str, str]) -> None:
+        """On the reporter's thread: mask the report when asked and hand it to every backend.
+
+        Masked: ids as digests (sessions still group), the user's name, and model names, tool
+        categories and failure reasons (keys included) past the limit. The context (namespace,
+        workflow) is the operator's configuration, not content: kept."""
+        if self._mask():
+            session_id, user_id = mask_id(identity["session_id"]) or "", mask_id(identity["user_id"])
+            identity = {**identity, "session_id": session_id, "user_id": user_id}
+            identity["user_name"] = mask_value(identity["user_name"])
+            report = mask_value({**report, "thread_id": session_id})
         metadata = {
             **report,
-            **session.context,
+            **context,
             **identity,
             "source": SOURCE,
             "runner_type": self._runner_type,
             "collected_at": report["period_end"],
-            **origin_flat_metrics(report),
+            **(mask_value(origin_flat_metrics(report)) if self._mask() else origin_flat_metrics(report)),
         }
+        thread_id, user_id = identity["session_id"], identity["user_id"]
         for backend in self._backends():
             try:
                 backend.record_span(
                     SPAN_NAME,
-                    thread_id=session.thread_id,
-                    user_id=session.user_id,
+                    thread_id=thread_id,
+                    user_id=user_id,
                     runner_type=self._runner_type,
                     input=identity,
                     output=report,

@@ -8,7 +8,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from .delivery import DEFAULT_TRACE_WAIT_SECONDS, RatingDelivery
 from .detached import call_detached
 from .fanout import FanoutSpan
 from .ids import new_trace_id, parse_trace_id
+from .masking import MaskingSpan, mask_turn
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
 from .owners import TraceOwners
 from .pricing import ModelPrice, Pricing
@@ -43,6 +45,7 @@ logger = logging.getLogger("ambient_tracing")
 
 #: What aclose allows past ``flush_timeout`` for the steps that bound themselves by it.
 CLOSE_GRACE_SECONDS = 1.0
+END_SESSION_WAIT_SECONDS = 5.0
 SETUP_RETRY_SECONDS = 2.0
 MAX_SETUP_RETRY_SECONDS = 60.0
 
@@ -323,6 +326,11 @@ class Observability:
         await call_detached(
             lambda: self.ratings.close(ratings_wait), ratings_wait + CLOSE_GRACE_SECONDS, "rating delivery"
         )
+        if self._sessions is not None:
+            sessions = self._sessions
+            await call_detached(
+                lambda: sessions.drain(left()), left() + CLOSE_GRACE_SECONDS, "session metrics"
+            )
         await call_detached(
             lambda: self._span_worker.close(left()), left() + CLOSE_GRACE_SECONDS, "span worker"
         )
@@ -338,9 +346,15 @@ class Observability:
     async def end_session(self, thread_id: str) -> bool:
         """Emit the thread's ``Session Metrics`` span now; False when it has no unreported activity.
 
-        Only creates spans (the backends export them in the background), so it returns at once.
+        The spans are made on the reporter's thread; this waits for that (at most
+        ``END_SESSION_WAIT_SECONDS``), not for their export, which the backends do in the background.
         """
-        return self._sessions is not None and self._sessions.end_session(thread_id)
+        done = self._sessions.end_session(thread_id) if self._sessions is not None else None
+        if done is None:
+            return False
+        with suppress(TimeoutError):  # a backend stalled: the report is still queued
+            await asyncio.wait_for(asyncio.wrap_future(done), END_SESSION_WAIT_SECONDS)
+        return True
 
     # -- used by the doors -------------------------------------------------------------------------
 
@@ -377,12 +391,12 @@ class Observability:
             turn_number=self._threads.next_turn_number(thread_id) if thread_id else 1,
             input=input,
             trace_id=chosen,
-            attributes={
-                "gen_ai.operation.name": "invoke_agent",
-                "gen_ai.conversation.id": thread_id or "",
-                **context,
-            },
+            attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
         )
+        if self.mask_messages:
+            turn = mask_turn(turn)
+        # The namespace and workflow are the operator's configuration, not content: never masked.
+        turn = replace(turn, attributes={**(turn.attributes or {}), **context})
         spans: list[Span] = []
         overloaded = self._span_worker.overloaded
         deferred: list[TracingBackend] = []
@@ -417,6 +431,8 @@ class Observability:
         if thread_id:
             self._threads.turn_started(thread_id, chosen)
         span = spans[0] if len(spans) == 1 else FanoutSpan(spans, chosen)
+        if self.mask_messages:
+            span = MaskingSpan(span)  # whatever the core passes on is masked, new fields included
         return Turn(span=span, trace_id=chosen, thread_id=thread_id, context=context)
 
     def usage_delta(self, thread_id: str | None, totals: Mapping[str, int]) -> dict[str, int]:

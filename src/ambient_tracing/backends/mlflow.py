@@ -98,7 +98,7 @@ def _skip_missing_prediction_context() -> None:
         import mlflow.tracing.utils as tracing_utils
 
         if hasattr(tracing_utils, "_try_get_prediction_context"):
-            tracing_utils._try_get_prediction_context = lambda: None  # type: ignore[attr-defined]
+            tracing_utils._try_get_prediction_context = lambda: None
 
 
 _skip_missing_prediction_context()
