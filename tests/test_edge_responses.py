@@ -43,7 +43,7 @@ async def test_a_body_with_content_length_passes_byte_identical_and_its_run_is_t
     assert traced.comparable_headers() == plain.comparable_headers()
     assert (b"content-length", str(len(body)).encode()) in traced.comparable_headers()
     assert traced.raw == plain.raw == body  # not one byte more than declared
-    [turn] = pair.turns("t-length")
+    turn = await pair.ended_turn("t-length")
     assert turn.ended == 1 and turn.error is None and turn.output == "Forty-two."
     # The id is still reachable for feedback.
     assert pair.obs.last_trace_id("t-length") == turn.trace_id
@@ -58,7 +58,7 @@ async def test_a_streamed_body_with_a_declared_length_is_not_lengthened(pair: Pa
     )
     traced = await fetch(pair.traced, path, body={})
     assert traced.status == 200 and traced.raw == body
-    [turn] = pair.turns("t-length-streamed")
+    turn = await pair.ended_turn("t-length-streamed")
     assert turn.ended == 1 and pair.obs.last_trace_id("t-length-streamed") == turn.trace_id
 
 
@@ -72,7 +72,7 @@ async def test_a_stream_starting_with_a_bom_is_traced_and_announced(pair: Pair, 
     plain = await fetch(pair.plain, path, body={})
     stripped, ids = strip_ids(traced.raw)
     assert stripped == plain.raw == stream
-    [turn] = pair.turns(thread)
+    turn = await pair.ended_turn(thread)
     # The id frame follows RUN_STARTED; the BOM stays the stream's first bytes.
     assert ids == [(len(BOM) + ends_of(stream[len(BOM) :], "RUN_STARTED")[0], turn.trace_id)]
     assert traced.raw.startswith(BOM)

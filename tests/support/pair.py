@@ -124,6 +124,16 @@ class Pair:
             turn for turn in self.backend.turns if turn.turn is not None and turn.turn.thread_id == thread_id
         ]
 
+    async def ended_turn(self, thread_id: str, timeout: float = 5.0) -> RecordedSpan:
+        """The one turn of ``thread_id`` once it has ended (the response's last bytes are sent
+        before the run's end is traced), waiting at most ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while True:
+                turns = self.turns(thread_id)
+                if len(turns) == 1 and turns[0].ended:
+                    return turns[0]
+                await asyncio.sleep(0.01)
+
 
 @contextmanager
 def serve_pair(
