@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.request_body import MAX_REQUEST_BYTES, PREFIX_BYTES, RequestBody
 from tests.support.agui_app import scripted_run
 from tests.support.asgi_driver import http_scope
 from tests.support.recording_backend import RecordingBackend
@@ -164,3 +165,31 @@ async def test_a_run_still_gets_its_input_when_the_body_is_kept() -> None:
         assert sent[0]["status"] == 200
     await obs.aclose()
     assert [turn.input for turn in backend.turns] == ["hi there"] * 3
+
+
+def fed(*chunks: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> RequestBody:
+    body = RequestBody(headers or [(b"content-type", b"application/json")])
+    for index, chunk in enumerate(chunks):
+        body.feed(chunk, index < len(chunks) - 1)
+    return body
+
+
+def test_what_counts_as_a_run_input() -> None:
+    run = json.dumps({"threadId": "t", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    assert fed(run).request.thread_id == "t"
+    assert fed(b"\xef\xbb\xbf \n" + run).request.user_message == "hi"  # BOM and blanks before it
+    at = run.index(b"threadId") + 3  # the key straddles two chunks
+    assert fed(run[:at], run[at:]).request.thread_id == "t"
+    assert fed(*[run[i : i + 1] for i in range(len(run))]).request.thread_id == "t"  # byte by byte
+    late = b'{"other": "' + b"x" * PREFIX_BYTES + b'", ' + run[1:]
+    assert fed(late).request.thread_id is None  # no RunAgentInput key near the start: let go
+    early = b'{"state": "' + b"x" * PREFIX_BYTES + b'", ' + run[1:]
+    assert fed(early).request.thread_id == "t"
+    for headers in (
+        [(b"content-type", b"multipart/form-data; boundary=x")],
+        [(b"content-type", b"application/x-www-form-urlencoded")],
+        [(b"content-length", str(MAX_REQUEST_BYTES + 1).encode())],
+    ):
+        assert fed(run, headers=headers).request.thread_id is None
+    for headers in ([(b"content-type", b"application/vnd.api+json")], [(b"content-type", b"text/plain")]):
+        assert fed(run, headers=headers).request.thread_id == "t"

@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from starlette.types import Scope
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.responder import MAX_REQUEST_BYTES
+from ambient_tracing.request_body import MAX_REQUEST_BYTES
 from tests.support.agui_app import run_input, scripted_run
 from tests.support.pair import (
     Pair,

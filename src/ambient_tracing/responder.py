@@ -17,20 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .core import StreamTracer
 from .observability import Observability
-from .request import RunRequest
+from .request_body import RequestBody
 from .sse import SseScanner
 
 logger = logging.getLogger("ambient_tracing")
 
 TRACE_ID_EVENT_NAME = "ambient:trace_id"
-#: Request bodies larger than this are not kept for tracing (the app still reads all of them).
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-#: Content types a RunAgentInput may come with (besides none): JSON, and a browser's ``fetch``
-#: default for a string body. Any other (uploads, forms) is not a run's input: its body is not kept.
-_JSON_TYPES = (b"application/json", b"text/plain")
-#: Keys of a RunAgentInput that a trace reads; a JSON body with none of them is not parsed.
-_INPUT_KEYS = (b'"threadId"', b'"runId"', b'"messages"', b'"thread_id"', b'"run_id"')
-_JSON_SPACE = b" \t\r\n"
 
 
 def trace_id_frame(trace_id: str) -> bytes:
@@ -47,20 +39,6 @@ def trace_id_frame(trace_id: str) -> bytes:
 def declares_length(message: Message) -> bool:
     """Whether a response start declares ``Content-Length``: then no byte may be added to its body."""
     return any(name.lower() == b"content-length" for name, _ in message.get("headers", ()))
-
-
-def may_carry_run_input(scope: Scope) -> bool:
-    """Whether the request's body may be a RunAgentInput, judged from its headers: a JSON (or
-    untyped) body not declared larger than :data:`MAX_REQUEST_BYTES`. Only such a body is kept."""
-    for name, value in scope.get("headers", ()):
-        lowered = name.lower()
-        if lowered == b"content-type":
-            media = value.split(b";", 1)[0].strip().lower()
-            if media not in _JSON_TYPES and not media.endswith(b"+json"):
-                return False
-        elif lowered == b"content-length" and (not value.isdigit() or int(value) > MAX_REQUEST_BYTES):
-            return False
-    return True
 
 
 def is_event_stream(message: Message) -> bool:
@@ -84,12 +62,10 @@ class RunResponder:
         "_announce",
         "_app",
         "_body",
-        "_body_size",
         "_disconnected",
         "_finished",
         "_observability",
         "_receive",
-        "_request",
         "_scanner",
         "_scope",
         "_send",
@@ -113,11 +89,7 @@ class RunResponder:
         self._scope = scope
         self._receive = receive
         self._send = send
-        # The request body's chunks while it may still be a RunAgentInput; None once it cannot be
-        # (or once parsed into _request): a body that is not a run's input is never held.
-        self._body: list[bytes] | None = [] if may_carry_run_input(scope) else None
-        self._body_size = 0
-        self._request = RunRequest()
+        self._body = RequestBody(scope.get("headers", ()))
         self._scanner: SseScanner | None = None
         self._tracer: StreamTracer | None = None
         self._finished = False
@@ -147,8 +119,7 @@ class RunResponder:
         message = await self._receive()
         kind = message["type"]
         if kind == "http.request":
-            if self._body is not None:
-                self._keep(message.get("body", b""), message.get("more_body", False))
+            self._body.feed(message.get("body", b""), message.get("more_body", False))
         elif kind == "http.disconnect":
             self._disconnected = True
         return message
@@ -171,30 +142,8 @@ class RunResponder:
                 self._scanner = SseScanner()
                 self._announce = not declares_length(message)
             else:
-                self._body = None  # not a run: stop keeping the request body
+                self._body.drop()  # not a run: its request body is not needed
         await self._send(message)
-
-    def _keep(self, chunk: bytes, more_body: bool) -> None:
-        """Hold one chunk of a body that may be a RunAgentInput; once it is whole, parse it (when
-        it has a key a trace reads) and let go of the bytes. Only ever on the JSON-object path."""
-        body = self._body
-        assert body is not None
-        if not self._body_size:
-            # The first bytes: a RunAgentInput is a JSON object (a UTF-8 BOM allowed before it).
-            head = chunk.removeprefix(b"\xef\xbb\xbf").lstrip(_JSON_SPACE)
-            if head and not head.startswith(b"{"):
-                self._body = None
-                return
-        self._body_size += len(chunk)
-        if self._body_size > MAX_REQUEST_BYTES:
-            self._body = None
-            return
-        body.append(chunk)
-        if not more_body:
-            whole = b"".join(body)
-            self._body = None
-            if any(key in whole for key in _INPUT_KEYS):
-                self._request = RunRequest.from_body(whole)
 
     def _passes_untraced(self, message: Message) -> bool:
         """One whole ``data:`` frame of a type the tracer does not want now (most text deltas):
@@ -312,11 +261,8 @@ class RunResponder:
         tracer = self._tracer
         if tracer is None:
             user_id, user_name = self._user(self._scope)
-            request = self._request
-            if self._body:  # the app answered before it read the whole body: what came so far
-                request = RunRequest.from_body(b"".join(self._body))
-                self._body = None
-            tracer = self._tracer = StreamTracer(self._observability, request.with_user(user_id, user_name))
+            request = self._body.finish().with_user(user_id, user_name)
+            tracer = self._tracer = StreamTracer(self._observability, request)
         return tracer
 
     def _stop_tracing(self, exc: Exception) -> None:
