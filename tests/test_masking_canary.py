@@ -19,7 +19,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.masking import REDACTED
+from ambient_tracing.masking import REDACTED, mask_id
+from ambient_tracing.ratings import Rating
 from tests.support.fixtures_mlflow import MlflowServer
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.pair import sse
@@ -248,6 +249,31 @@ def mlflow_stored(server: MlflowServer, experiment_name: str) -> str:
     return "\n".join(trace.to_json() for trace in traces)
 
 
+#: A feedback comment: the user's words to the operators, kept as written (the README says so).
+FEEDBACK_TEXT = "The answer skipped the second file; please look at the migration again."
+
+
+def rating() -> Rating:
+    """Feedback on the thread with no trace id (so each backend finds the thread's trace by its
+    masked id): canaries in every id and label, and a long comment that is kept."""
+    return Rating(
+        kind="thumbs_down",
+        thread_id=THREAD,
+        trace_id=None,
+        user_id=canary("rating-user"),
+        message_id=canary("rating-message"),
+        comment=FEEDBACK_TEXT,
+        correction=None,
+        metadata={
+            "user": canary("rating-user"),
+            "messageId": canary("rating-message"),
+            "session": canary("rating-session"),
+            "project": canary("rating-project"),
+            "feedbackType": "thumbs_down",
+        },
+    )
+
+
 async def test_no_canary_reaches_either_backend(
     langfuse_receiver: LangfuseReceiver,
     langfuse_backend: Any,
@@ -279,6 +305,21 @@ async def test_no_canary_reaches_either_backend(
     for text in (langfuse_text, mlflow_text):
         assert text.count("llm_interaction") >= 4 and "Session Metrics" in text
         assert REDACTED in text and "tool_" + REDACTED in text and "masked-" in text
+
+    # Feedback on the thread, once its traces are stored: found through the masked thread id.
+    feedback = Observability([langfuse_backend(), mlflow_backend(mlflow.experiment_name)])
+    feedback.submit_rating(rating())
+    for _ in range(150):  # bounded: delivery runs in the background
+        mlflow_text = mlflow_stored(mlflow_server, mlflow.experiment_name)
+        if langfuse_receiver.scores and FEEDBACK_TEXT in mlflow_text:
+            break
+        await asyncio.sleep(0.2)
+    await feedback.aclose()
+    [score] = langfuse_receiver.wait_for_scores(1)
+    assert score["comment"] == FEEDBACK_TEXT and FEEDBACK_TEXT in mlflow_text  # kept as written
+    assert score.get("traceId") and score["traceId"] in mlflow_text  # the thread's trace, found masked
+    assert mask_id(canary("rating-user")) in mlflow_text  # the rater, as a digest
+    langfuse_text += "\n" + json.dumps(langfuse_receiver.scores)
     # ... and not one canary is in it, in any field of any span, trace, tag or metadata.
     for store, text in (("Langfuse", langfuse_text), ("MLflow", mlflow_text)):
         if MARK in text:

@@ -152,7 +152,7 @@ async def _resolve(
             stored = await observability.owners.find(rating.trace_id)
             if stored == "unknown" or stored is None:
                 checked = False  # not stored anywhere yet (or no answer): checked at delivery
-            elif stored.verdict(thread_id) == "other":
+            elif stored.verdict(observability.stored_thread_id(thread_id)) == "other":
                 raise FeedbackError(403, "payload.traceId belongs to another thread")
             else:
                 thread_id = thread_id or stored.thread_id

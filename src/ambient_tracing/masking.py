@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from .backends.base import Span, SpanKind, TokenUsage, TurnStart
+from .ratings import Rating
 
 REDACTED = "[REDACTED FOR PRIVACY]"
 # Strings up to this length (ids, short labels, "ok") stay readable; longer ones are content.
@@ -98,6 +99,22 @@ def mask_turn(turn: TurnStart) -> TurnStart:
         user_name=mask(turn.user_name),
         input=mask(turn.input),
         attributes=None if turn.attributes is None else _mask_attributes(turn.attributes),
+    )
+
+
+def mask_rating(rating: Rating) -> Rating:
+    """A rating as the backends get it: its ids as on the traces (digests past the limit, so the
+    thread's trace is still found), its labels masked; its texts (comment, correction) are the
+    user's words to the operators, kept as written."""
+    return replace(
+        rating,
+        thread_id=mask_id(rating.thread_id),
+        user_id=mask_id(rating.user_id),
+        message_id=mask_id(rating.message_id),
+        metadata={
+            key: (mask_id(value) or "") if key in ("user", "messageId") else mask(value)
+            for key, value in rating.metadata.items()
+        },
     )
 
 

@@ -27,7 +27,7 @@ from .delivery import DEFAULT_TRACE_WAIT_SECONDS, RatingDelivery
 from .detached import call_detached
 from .fanout import FanoutSpan
 from .ids import new_trace_id, parse_trace_id
-from .masking import MaskingSpan, mask_turn
+from .masking import MaskingSpan, mask_id, mask_rating, mask_turn
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
 from .owners import TraceOwners
 from .pricing import ModelPrice, Pricing
@@ -261,6 +261,10 @@ class Observability:
         """The thread of a recent trace of this process; None when unknown here."""
         return self._threads.thread_of(trace_id)
 
+    def stored_thread_id(self, thread_id: str | None) -> str | None:
+        """A thread id as the backends store it: with masking on, a digest past the mask's limit."""
+        return mask_id(thread_id) if self.mask_messages else thread_id
+
     def submit_rating(
         self, rating: Rating, *, caller: str | None = None, check_owner: bool = False
     ) -> Future[list[str]]:
@@ -270,6 +274,8 @@ class Observability:
             raise RuntimeError("observability is closed")
         if self._setup is None:
             self._begin_setup()
+        if self.mask_messages:  # ids as the traces store them, so owners and traces are found
+            rating = mask_rating(rating)
         return self.ratings.submit(rating, caller=caller, check_owner=check_owner)
 
     # -- lifecycle ---------------------------------------------------------------------------------
