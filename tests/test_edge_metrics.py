@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ambient_tracing import Observability, StreamTracer
+from ambient_tracing.emitter import Emitter
 from ambient_tracing.metrics import MAX_SWEEP_PER_TICK, SessionReporter
 from ambient_tracing.request import RunRequest
 from tests.support.recording_backend import RecordingBackend
@@ -81,3 +82,24 @@ async def test_shutdown_reports_every_thread_even_with_many() -> None:
     ids = {record["thread_id"] for record in backend.records}
     assert len(ids) == 300 and all(thread_id.startswith("masked-") for thread_id in ids)
     assert all(record["output"]["thread_id"] == record["thread_id"] for record in backend.records)
+
+
+def test_the_emitter_drops_past_its_bound_but_drain_still_waits() -> None:
+    emitter = Emitter("test-emitter", max_queued=2)
+    entered, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def stall() -> None:
+        entered.set()
+        release.wait(5)
+        ran.append(0)
+
+    emitter.submit(stall)
+    assert entered.wait(5)  # the thread is busy; the queue is empty
+    for index in range(1, 5):
+        emitter.submit(lambda index=index: ran.append(index))  # type: ignore[misc]
+    assert emitter.dropped == 2
+    assert not emitter.drain(0.2)  # the marker is queued behind the stalled job, not dropped
+    release.set()
+    assert emitter.drain(5)
+    assert ran == [0, 1, 2]

@@ -32,10 +32,11 @@ class Emitter:
         self._thread: threading.Thread | None = None
         self.dropped = 0
 
-    def submit(self, job: Job) -> Future[None]:
-        """Queue ``job``; the future completes when it has run (or at once when it was dropped)."""
+    def submit(self, job: Job, *, always: bool = False) -> Future[None]:
+        """Queue ``job``; the future completes when it has run (or at once when it was dropped:
+        past the bound, unless ``always``)."""
         done: Future[None] = Future()
-        if self._queue.qsize() >= self._max_queued:
+        if not always and self._queue.qsize() >= self._max_queued:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 logger.warning("ambient-tracing: %s is behind; %d jobs dropped", self._name, self.dropped)
@@ -51,7 +52,7 @@ class Emitter:
     def drain(self, timeout: float) -> bool:
         """Blocking: wait until everything queued so far has run; False on timeout."""
         try:
-            self.submit(lambda: None).result(timeout)
+            self.submit(lambda: None, always=True).result(timeout)  # a marker, never dropped
         except TimeoutError:
             return False
         return True
