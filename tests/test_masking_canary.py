@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
@@ -274,14 +275,37 @@ def rating() -> Rating:
     )
 
 
+def sdk_langfuse(receiver: LangfuseReceiver) -> Any:
+    """Langfuse through the SDK: an app's own client (the package's OTLP path is the default)."""
+    from langfuse import Langfuse
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ambient_tracing.backends.langfuse import LangfuseBackend
+
+    key = uuid.uuid4().hex[:8]
+    client = Langfuse(
+        public_key=f"pk-{key}",
+        secret_key=f"sk-{key}",
+        base_url=receiver.base_url,
+        flush_at=1,
+        flush_interval=0.05,
+        tracer_provider=TracerProvider(),
+    )
+    return LangfuseBackend(client=client, flush_timeout=5)
+
+
+@pytest.mark.parametrize("langfuse_path", ["otlp", "sdk"])
 async def test_no_canary_reaches_either_backend(
     langfuse_receiver: LangfuseReceiver,
     langfuse_backend: Any,
     mlflow_server: MlflowServer,
     mlflow_backend: Any,
+    langfuse_path: str,
 ) -> None:
-    mlflow = mlflow_backend()
-    obs = Observability([langfuse_backend(), mlflow])  # mask_messages defaults to on
+    mlflow = mlflow_backend()  # a tracking server: the package's OTLP path
+    langfuse = langfuse_backend() if langfuse_path == "otlp" else sdk_langfuse(langfuse_receiver)
+    assert mlflow.span_sink is not None and (langfuse.span_sink is None) == (langfuse_path == "sdk")
+    obs = Observability([langfuse, mlflow])  # mask_messages defaults to on
     with serve(TracingMiddleware(canary_app(), observability=obs)) as url:
         async with httpx.AsyncClient(timeout=30) as client:
             for scenario in ("full", "single", "crash"):
