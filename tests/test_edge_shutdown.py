@@ -122,8 +122,9 @@ def test_runs_stream_and_uvicorn_exits_in_time_when_both_tracking_servers_stop_a
             if child.poll() is None:
                 child.kill()
         _, err = child.communicate()
+        # Within the bound whichever way each exporter gave up (the package's OTLP exporter stops
+        # waiting for a destination that did not answer; an SDK's flush is left behind).
         assert seconds <= FLUSH_TIMEOUT + EXIT_SLACK, err[-3000:]
-        assert "left behind" in err
 
 
 def _announced(port: int, run_id: str) -> bool:
