@@ -30,6 +30,7 @@ from starlette.routing import Route
 from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint, parse_feedback
 from ambient_tracing.backends.mlflow import MlflowBackend
 from ambient_tracing.ids import new_trace_id
+from ambient_tracing.masking import mask_id
 from ambient_tracing.spool import Limits, RatingStore
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
@@ -232,8 +233,9 @@ async def test_a_rating_checked_at_delivery_is_set_aside_when_its_trace_is_anoth
 async def test_thread_ids_are_compared_exactly_as_sent_on_another_replica(
     tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
-    """Padded and long (past Langfuse's 200-character session id) thread ids: their owners rate
-    their own traces on a replica that asks the backends; the stripped id is another thread."""
+    """Padded and long (past Langfuse's 200-character session id, and the mask's 50) thread ids:
+    their owners rate their own traces on a replica that asks the backends; the stripped id is
+    another thread."""
     mlflow_side: MlflowBackend = mlflow_backend()
     padded, long = "  padded thread  ", "long-" + "x" * 600
     producer = Observability([mlflow_side, langfuse_backend()], feedback_spool=tmp_path / "a.db")
@@ -243,6 +245,10 @@ async def test_thread_ids_are_compared_exactly_as_sent_on_another_replica(
     await producer.aclose()
     for trace_id in (padded_trace, long_trace):
         await asyncio.to_thread(wait_for_trace, mlflow_side.tracking_uri, trace_id)
+    # Masking is on (the default): the long id is stored as its digest, and ownership is compared
+    # with the digest of the id the rating names.
+    stored = await asyncio.to_thread(wait_for_trace, mlflow_side.tracking_uri, long_trace)
+    assert stored.info.tags["ambient.thread_id"] == mask_id(long) != long
     await asyncio.to_thread(
         langfuse_receiver.wait_for_spans,
         lambda spans: {padded_trace, long_trace} <= {span.trace_id for span in spans},
