@@ -2,22 +2,23 @@
 PYTHON ?= python3
 VENV := .venv
 DEMO_VENV := .venv-demo
-NODE_MODULES := examples/js/node_modules/.package-lock.json
+NODE_MODULES := examples/js/node_modules/.package-lock.json examples/copilotkit/node_modules/.package-lock.json
 
 .PHONY: test demo lint bench clean
 
-$(VENV)/.installed: pyproject.toml tests/requirements-adk.txt
+$(VENV)/.installed: pyproject.toml tests/requirements-producers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
-	# Google ADK without its opentelemetry pin (it conflicts with langfuse 5; see the file).
-	$(VENV)/bin/python -m pip install --quiet --no-deps -r tests/requirements-adk.txt
+	# Google ADK and AWS Strands without their opentelemetry pins (they conflict with langfuse 5; see the file).
+	$(VENV)/bin/python -m pip install --quiet --no-deps -r tests/requirements-producers.txt
 	touch $@
 
-# The official AG-UI TypeScript client, pinned by examples/js/package-lock.json (tests/test_js_client.py).
-$(NODE_MODULES): examples/js/package.json examples/js/package-lock.json
+# Node examples, pinned by their package-lock.json: examples/js (@ag-ui/client, tests/test_js_client.py)
+# and examples/copilotkit (@copilotkit/runtime, ~300 MB, ~35 s; tests/test_copilotkit.py).
+examples/%/node_modules/.package-lock.json: examples/%/package.json examples/%/package-lock.json
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
-	cd examples/js && npm ci --no-audit --no-fund --loglevel=error
+	cd examples/$* && npm ci --no-audit --no-fund --loglevel=error
 
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEMO_VENV)
@@ -45,4 +46,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) $(DEMO_VENV) examples/js/node_modules ambient-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_VENV) examples/*/node_modules ambient-demo .pytest_cache .mypy_cache .ruff_cache

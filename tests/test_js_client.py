@@ -13,7 +13,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
 from examples.pydantic_ai_app import build_app
 
 from ambient_tracing import Observability
@@ -22,8 +21,6 @@ from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.node_client import run_script
 from tests.support.server import serve
-
-pytestmark = pytest.mark.timeout(120)
 
 
 def ratings(trace: Any) -> list[Any]:

@@ -1,7 +1,8 @@
 """Real AG-UI producers beyond one framework, each behind TracingMiddleware over uvicorn.
 
-pydantic-ai, LangGraph (ag-ui-langgraph on a scripted langchain-core chat model) and Google ADK
-(ag-ui-adk on a scripted ``BaseLlm``), as served by ``examples/``. For each: the traced stream passes
+pydantic-ai, LangGraph (ag-ui-langgraph on a scripted langchain-core chat model), Google ADK
+(ag-ui-adk on a scripted ``BaseLlm``) and AWS Strands (ag-ui-strands on a scripted ``Model``), as
+served by ``examples/``. For each: the traced stream passes
 ``ag-ui-validate`` and carries one id event per run right after RUN_STARTED; the run is read back from
 a real ``mlflow server`` and from the Langfuse SDK's exports under that one id, with its tool span,
 names and usage; no span outlives its parent; a run finished without ``outcome`` is a success.
@@ -26,6 +27,7 @@ from tests.support.client import Streamed, post_run
 from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver, ReceivedSpan
 from tests.support.producers import (
+    ADK,
     ANSWER,
     CITY,
     LANGGRAPH,
@@ -36,8 +38,6 @@ from tests.support.producers import (
 )
 from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
-
-pytestmark = pytest.mark.timeout(90)
 
 VALIDATE_CLI = Path(sys.executable).with_name("ag-ui-validate")
 #: issue 9, fixed in core by the `origin` work; the assertion is the right one either way.
@@ -50,6 +50,16 @@ def producers(*pending: Producer) -> list[Any]:
         pytest.param(producer, id=producer.name, marks=[FIX_PENDING] if producer in pending else [])
         for producer in PRODUCERS
     ]
+
+
+def json_decoded(value: Any) -> Any:
+    """``value``, or what it decodes to when it is a string holding JSON."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 async def run_once(url: str, thread: str, run: str, prompt: str = PROMPT) -> Streamed:
@@ -147,7 +157,8 @@ async def test_the_run_is_read_back_from_mlflow_and_langfuse_under_one_id(
     assert root.attributes["gen_ai.conversation.id"] == thread
     [tool] = [span for span in spans if span.name == "tool_get_weather"]
     assert tool.inputs == {"city": CITY}
-    assert tool.outputs == producer.tool_output
+    # MLflow reads a string output that is itself JSON back decoded (Strands' '"Sunny ..."').
+    assert json_decoded(tool.outputs) == json_decoded(producer.tool_output)
     assert tool.attributes["gen_ai.tool.name"] == "get_weather"
     assert tool.attributes["gen_ai.tool.call.id"] == TOOL_CALL_ID
     assert tool.status.status_code.value == "OK"
@@ -219,11 +230,12 @@ async def test_no_span_outlives_its_parent(
             assert parent.start_ns <= span.start_ns <= span.end_ns <= parent.end_ns, (span.name, parent.name)
 
 
-@pytest.mark.parametrize("producer", producers(*(p for p in PRODUCERS if p is not PRODUCERS[0])))
+@pytest.mark.parametrize("producer", producers(LANGGRAPH, ADK))
 async def test_a_run_finished_without_outcome_is_a_success(
     producer: Producer, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
-    """AG-UI 1.0: RUN_FINISHED without ``outcome`` means success (LangGraph and ADK send none)."""
+    """AG-UI 1.0: RUN_FINISHED without ``outcome`` means success (LangGraph and ADK send none;
+    pydantic-ai and Strands send ``{"type": "success"}``)."""
     mlflow_side: MlflowBackend = mlflow_backend()
     obs = Observability([langfuse_backend(), mlflow_side], mask_messages=False)
     streamed, trace_id = await traced_run(producer, obs, f"thread-{producer.name}-outcome")

@@ -4,6 +4,8 @@
 //
 //   node trace-and-rate.mjs http://127.0.0.1:8000 [threadId] [runs]
 //
+// Runs go to <base url>/agent, or to AGENT_URL when set (e.g. a CopilotKit runtime in front of the
+// app); ratings always go to the app's own <base url>/feedback.
 // Prints one JSON line: per run the trace ids seen by onCustomEvent and the event types, then the
 // feedback answers. Exits non-zero when the client rejects the stream (its own event verification).
 import { HttpAgent } from "@ag-ui/client";
@@ -15,7 +17,7 @@ if (!baseUrl) {
 }
 
 const agent = new HttpAgent({
-  url: `${baseUrl}/agent`,
+  url: process.env.AGENT_URL ?? `${baseUrl}/agent`,
   threadId,
   headers: { "x-current-user-id": "ana" },
 });

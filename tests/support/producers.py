@@ -7,6 +7,7 @@ a spec says what its run must record: the tool span, the answer, the steps and t
 from __future__ import annotations
 
 import importlib
+import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ PYDANTIC_AI = Producer(
     module="examples.pydantic_ai_app",
     tool_output=REPORT,
     span_names=("llm_interaction", "tool_get_weather"),
-    usage=("scripted-pydantic-ai-model", 100, 18, 118),
+    usage=("scripted-pydantic-ai-model", 100, 18, 118),  # FunctionModel's estimate
 )
 LANGGRAPH = Producer(
     name="langgraph",
@@ -72,4 +73,11 @@ ADK = Producer(
     span_names=("llm_interaction", "tool_get_weather"),
     usage=None,  # ag-ui-adk 0.11 puts no usage on RUN_FINISHED
 )
-PRODUCERS = (PYDANTIC_AI, LANGGRAPH, ADK)
+STRANDS = Producer(
+    name="strands",
+    module="examples.strands_app",
+    tool_output=json.dumps(REPORT),  # ag-ui-strands sends the tool's return value JSON-encoded
+    span_names=("llm_interaction", "tool_get_weather"),
+    usage=("scripted-strands-model", 38, 14, 52),  # two model calls of 19 + 7, summed
+)
+PRODUCERS = (PYDANTIC_AI, LANGGRAPH, ADK, STRANDS)
