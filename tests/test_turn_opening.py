@@ -24,6 +24,7 @@ from ambient_tracing.ids import new_trace_id, parse_trace_id, sampled, trace_id_
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
+from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
@@ -160,3 +161,37 @@ def test_mlflow_with_a_sqlite_store_adopts_the_package_id(
         assert {span.trace_id for span in trace.data.spans} == {f"tr-{chosen}"}
     finally:
         mlflow.set_tracking_uri(mlflow_server.url)  # MLflow's tracking URI is process-wide
+
+
+async def test_a_root_opened_late_on_the_span_worker_still_starts_before_its_children(
+    mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
+) -> None:
+    """The worker is busy when RUN_STARTED comes, so the roots open after the tool call already
+    started (its loop time): both backends must still show the root starting first."""
+    mlflow_side = mlflow_backend()
+    obs = Observability([langfuse_backend(), mlflow_side])
+    busy = threading.Event()
+    obs._span_worker.submit(lambda: busy.wait(5))
+    try:
+        turn = obs.open_turn(thread_id="t-late", run_id="r", user_id=None, user_name=None, input="hi")
+        assert turn is not None
+        tool = turn.span.start_child("tool_x", "tool")
+        await asyncio.sleep(0.05)  # the worker opens the roots at least this much after the tool began
+        busy.set()
+        tool.end(output="ok")
+        turn.span.end(output="done")
+        assert await asyncio.to_thread(obs._span_worker.drain, 15)
+        spans = wait_for_trace(mlflow_side.tracking_uri, turn.trace_id, lambda t: len(t.data.spans) == 2)
+        root, child = sorted(spans.data.spans, key=lambda span: span.parent_id is not None)
+        assert root.start_time_ns <= child.start_time_ns <= child.end_time_ns <= root.end_time_ns
+        received = langfuse_receiver.wait_for_spans(
+            lambda got: sum(s.trace_id == turn.trace_id for s in got) >= 2
+        )
+        lf_root, lf_child = sorted(
+            (s for s in received if s.trace_id == turn.trace_id), key=lambda s: s.name != "llm_interaction"
+        )
+        assert lf_child.parent_span_id == lf_root.span_id
+        assert lf_root.start_ns <= lf_child.start_ns <= lf_child.end_ns <= lf_root.end_ns
+    finally:
+        busy.set()
+        await obs.aclose()

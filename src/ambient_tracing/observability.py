@@ -397,6 +397,7 @@ class Observability:
             turn_number=self._threads.next_turn_number(thread_id) if thread_id else 1,
             input=input,
             trace_id=chosen,
+            start_time_ns=time.time_ns(),
             attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
         )
         if self.mask_messages:

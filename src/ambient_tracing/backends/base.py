@@ -57,6 +57,9 @@ class TurnStart:
     # this id. None only when a backend is called directly, without Observability: it picks one.
     trace_id: str | None = None
     attributes: Mapping[str, Any] | None = None
+    # When RUN_STARTED was seen (epoch ns, event loop clock): a deferred root opens later on the span
+    # worker and must still start before the children it gets with their own loop times.
+    start_time_ns: int | None = None
 
 
 @runtime_checkable

@@ -206,6 +206,8 @@ class LangfuseBackend:
             otel_span = getattr(obs, "_otel_span", None)
             if otel_span is not None and not otel_span.is_recording():
                 return None
+            if turn.start_time_ns is not None:
+                _backdate(obs, turn.start_time_ns)
             return _LangfuseSpan(obs, props, ROOT_NAME, "generation", obs.trace_id)
         except Exception:
             logger.warning("ambient-tracing: Langfuse could not start a turn", exc_info=True)
@@ -387,7 +389,7 @@ class _LangfuseSpan:
 
 
 def _backdate(obs: Any, start_time_ns: int) -> None:
-    """Set when a deferred child really started. The SDK's ``start_observation`` takes no start time,
+    """Set when a deferred span really started. The SDK's ``start_observation`` takes no start time,
     so this sets the OpenTelemetry SDK span's own field (stable across OpenTelemetry SDK releases)."""
     otel_span = getattr(obs, "_otel_span", None)
     if otel_span is not None and hasattr(otel_span, "_start_time"):

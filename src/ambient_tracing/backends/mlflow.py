@@ -237,6 +237,7 @@ class MlflowBackend:
                     tags=present(tags),
                     metadata=present(metadata),
                     experiment_id=experiment_id,
+                    start_time_ns=turn.start_time_ns,
                 )
         except Exception:
             logger.warning("ambient-tracing: MLflow could not start a turn", exc_info=True)
