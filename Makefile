@@ -27,9 +27,11 @@ $(DEMO_VENV)/.installed: pyproject.toml
 	touch $@
 
 ## Run the test suite (real MLflow server, Langfuse SDK against a loopback receiver, uvicorn,
-## pydantic-ai / LangGraph / ADK as producers, @ag-ui/client in Node as the client).
+## pydantic-ai / LangGraph / ADK / Strands as producers, @ag-ui/client and CopilotKit in Node as clients).
+# Two workers (pytest-xdist): the suite mostly waits on servers; each worker starts its own session
+# fixtures (mlflow server, receivers). A bare `pytest` runs in one process.
 test: $(VENV)/.installed $(NODE_MODULES)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2
 
 ## Trace a scripted AG-UI agent to ./ambient-demo/mlflow.db and print what was recorded.
 demo: $(DEMO_VENV)/.installed
@@ -41,7 +43,7 @@ bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests examples
 	$(VENV)/bin/ruff format --check src
 	$(VENV)/bin/mypy
 

@@ -33,8 +33,8 @@ class Producer:
     span_names: tuple[str, ...]
     #: (model, input, output, total) of RUN_FINISHED.usage, or None when the producer reports none.
     usage: tuple[str, int, int, int] | None
-    #: Whether the producer's step events let a tool span outlive its step (issue 9).
-    closes_step_before_tool_result: bool = False
+    #: The step a tool call is made in (``ambient.step`` on the tool span), for producers with steps.
+    tool_step: str | None = None
 
     def build_app(self, observability: Observability) -> TracingMiddleware:
         """The example's app, traced by ``observability``; skipped when the producer is not installed."""
@@ -64,7 +64,8 @@ LANGGRAPH = Producer(
     span_names=("llm_interaction", "step_agent", "step_agent", "step_tools", "tool_get_weather"),
     # Two model calls of 21 + 9 tokens, summed by ag-ui-langgraph.
     usage=("scripted-langgraph-model", 42, 18, 60),
-    closes_step_before_tool_result=True,
+    # The call is made in the `agent` step, which ends before the `tools` step brings its result.
+    tool_step="agent",
 )
 ADK = Producer(
     name="adk",
