@@ -312,7 +312,8 @@ async def test_mlflow_killed_mid_run_and_restarted(
         serve(TracingMiddleware(app, observability=obs)) as traced,
         serve(app) as plain,
     ):
-        async with httpx.AsyncClient(timeout=30) as client:
+        # Held streams stay silent through the kill and the restart (30 s and more on a loaded machine).
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=180)) as client:
             plain_runs = {run: await fetch(plain, "/agent", body=run_input(f"t-{run}", run)) for run in runs}
 
             # Healthy: a run is stored complete.
