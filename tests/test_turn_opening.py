@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -164,12 +165,33 @@ def test_mlflow_with_a_sqlite_store_adopts_the_package_id(
 
 
 async def test_a_root_opened_late_on_the_span_worker_still_starts_before_its_children(
-    mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
+    tmp_path: Path, mlflow_server: MlflowServer, langfuse_receiver: LangfuseReceiver
 ) -> None:
-    """The worker is busy when RUN_STARTED comes, so the roots open after the tool call already
-    started (its loop time): both backends must still show the root starting first."""
-    mlflow_side = mlflow_backend()
-    obs = Observability([langfuse_backend(), mlflow_side])
+    """The SDK paths (a sqlite store, an app's own Langfuse client) open the root on the span worker.
+    The worker is busy when RUN_STARTED comes, so the roots open after the tool call already started
+    (its loop time): both backends must still show the root starting first."""
+    from langfuse import Langfuse
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ambient_tracing.backends.langfuse import LangfuseBackend
+    from ambient_tracing.backends.mlflow import MlflowBackend
+
+    key = uuid.uuid4().hex[:8]
+    langfuse_side = LangfuseBackend(
+        client=Langfuse(
+            public_key=f"pk-{key}",
+            secret_key=f"sk-{key}",
+            base_url=langfuse_receiver.base_url,
+            flush_at=1,
+            flush_interval=0.05,
+            tracer_provider=TracerProvider(),
+        ),
+        flush_timeout=5,
+    )
+    mlflow_side = MlflowBackend(tracking_uri=f"sqlite:///{tmp_path / 'late.db'}", experiment_name="late")
+    assert langfuse_side.span_sink is None and mlflow_side.span_sink is None  # the deferred SDK paths
+    await asyncio.to_thread(mlflow_side.setup)
+    obs = Observability([langfuse_side, mlflow_side])
     busy = threading.Event()
     obs._span_worker.submit(lambda: busy.wait(5))
     try:
@@ -181,8 +203,10 @@ async def test_a_root_opened_late_on_the_span_worker_still_starts_before_its_chi
         tool.end(output="ok")
         turn.span.end(output="done")
         assert await asyncio.to_thread(obs._span_worker.drain, 15)
-        spans = wait_for_trace(mlflow_side.tracking_uri, turn.trace_id, lambda t: len(t.data.spans) == 2)
-        root, child = sorted(spans.data.spans, key=lambda span: span.parent_id is not None)
+        trace = await asyncio.to_thread(
+            wait_for_trace, mlflow_side.tracking_uri, turn.trace_id, lambda t: len(t.data.spans) == 2
+        )
+        root, child = sorted(trace.data.spans, key=lambda span: span.parent_id is not None)
         assert root.start_time_ns <= child.start_time_ns <= child.end_time_ns <= root.end_time_ns
         received = langfuse_receiver.wait_for_spans(
             lambda got: sum(s.trace_id == turn.trace_id for s in got) >= 2
@@ -195,3 +219,4 @@ async def test_a_root_opened_late_on_the_span_worker_still_starts_before_its_chi
     finally:
         busy.set()
         await obs.aclose()
+        mlflow.set_tracking_uri(mlflow_server.url)  # MLflow's tracking URI is process-wide

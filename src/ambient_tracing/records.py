@@ -108,7 +108,14 @@ class RecordSpan:
         """The run's root span, under ``turn.trace_id`` (which must be set)."""
         assert turn.trace_id is not None
         record = SpanRecord(
-            turn.trace_id, None, ROOT_NAME, SpanKind.TURN, turn, input=turn.input, attributes=turn.attributes
+            turn.trace_id,
+            None,
+            ROOT_NAME,
+            SpanKind.TURN,
+            turn,
+            input=turn.input,
+            attributes=turn.attributes,
+            start_ns=turn.start_time_ns,
         )
         return cls(record, sinks)
 
