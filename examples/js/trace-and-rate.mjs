@@ -48,11 +48,12 @@ for (let index = 0; index < Number(runs); index++) {
 }
 
 // The origin runner's META body. Thumbs up on the first run, naming its trace; thumbs down on the
-// latest without a traceId: the server falls back to the thread's last trace.
+// latest without a traceId: the server falls back to the thread's last trace. The rater is who the
+// request identifies (the same user header as the runs), not payload.userId.
 async function rate(metaType, payload) {
   const response = await fetch(`${baseUrl}/feedback`, {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", "x-current-user-id": "ana" },
     body: JSON.stringify({ type: "META", metaType, threadId, payload: { userId: "ana", ...payload } }),
   });
   return { status: response.status, body: await response.json() };
