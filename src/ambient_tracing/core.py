@@ -10,14 +10,13 @@ Each event kind has one ``_on_<kind>`` method; :data:`_HANDLERS` maps the wire `
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import NULL_SPAN, Span, SpanKind, TokenUsage
-from .masking import MAX_VISIBLE_CHARS, mask
+from .masking import MAX_VISIBLE_CHARS, JsonText
 from .request import RunRequest, last_user_message
 from .tool_signals import failure_reason, tool_failure_reason
 
@@ -205,9 +204,6 @@ class StreamTracer:
             self._warned = True
             logger.warning("ambient-tracing: " + message, *args)
 
-    def _mask(self, value: Any) -> Any:
-        return mask(value) if self._observability.mask_messages else value
-
     def _parent(self, run: _Run, event: Event) -> Span:
         """Where a step or subagent nests: its subagent, else the innermost open step, else the turn."""
         subagent = run.subagents.get(_id(event, "subagentRunId"))
@@ -237,7 +233,7 @@ class StreamTracer:
     def _record_arguments(self, call: _ToolCall) -> None:
         if not call.arguments_recorded:
             call.arguments_recorded = True
-            call.span.set_input(self._mask(_json_or_text(call.arguments.value())))
+            call.span.set_input(_json_text(call.arguments.value()))
 
     def _end_run(
         self,
@@ -261,7 +257,7 @@ class StreamTracer:
                 error=failure, attributes={"ambient.tool_result": "none", "is_error": failure is not None}
             )
         for reasoning in reversed(run.reasoning):
-            reasoning.span.end(output=self._mask(reasoning.text.value()), error=child_error)
+            reasoning.span.end(output=reasoning.text.value(), error=child_error)
         for step in reversed(run.steps):
             if step.open:
                 step.span.end(error=child_error)
@@ -281,7 +277,7 @@ class StreamTracer:
             attributes["ambient.spans_not_recorded"] = run.spans_dropped
         output = run.text.value()
         turn.span.end(
-            output=self._mask(output if output is not None else result),
+            output=output if output is not None else result,
             error=error,
             model=next(iter(models)) if len(models) == 1 else None,
             usage=usage,
@@ -305,7 +301,7 @@ class StreamTracer:
             run_id=_str(event.get("runId")) or request.run_id,
             user_id=request.user_id,
             user_name=request.user_name,
-            input=self._mask(user_message if user_message is not None else request.user_message),
+            input=user_message if user_message is not None else request.user_message,
         )
         if turn is None:
             return None
@@ -458,7 +454,7 @@ class StreamTracer:
             self._record_arguments(call)
             span = call.span
         span.end(
-            output=self._mask(_json_or_text(content)),
+            output=_json_text(content),
             error=failure,
             attributes={"is_error": failure is not None},
         )
@@ -503,7 +499,7 @@ class StreamTracer:
 
     def _end_reasoning(self, run: _Run) -> None:
         reasoning = run.reasoning.pop()
-        reasoning.span.end(output=self._mask(reasoning.text.value()))
+        reasoning.span.end(output=reasoning.text.value())
 
     def _on_reasoning_start(self, run: _Run, event: Event) -> None:
         self._open_reasoning(run, event, implicit=False)
@@ -538,7 +534,7 @@ class StreamTracer:
             parent,
             f"subagent_{name}",
             SpanKind.SUBAGENT,
-            input=self._mask(event.get("description")),
+            input=event.get("description"),
             attributes={"gen_ai.agent.name": name, "ambient.subagent_run_id": subagent_id},
         )
 
@@ -547,7 +543,7 @@ class StreamTracer:
         if span is not None:
             outcome = event.get("outcome")
             span.end(
-                output=self._mask(event.get("result")),
+                output=event.get("result"),
                 attributes={"ambient.outcome": outcome.get("type")} if isinstance(outcome, Mapping) else None,
             )
 
@@ -600,14 +596,9 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _json_or_text(text: Any) -> Any:
-    """Tool arguments and results: the parsed JSON value when the text is JSON, else the text."""
-    if isinstance(text, str) and text[:1] in ("{", "["):
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return text
+def _json_text(text: Any) -> Any:
+    """Tool arguments and results: text is marked as maybe JSON, decoded off the event loop."""
+    return JsonText(text) if isinstance(text, str) else text
 
 
 def _int(value: Any) -> int | None:

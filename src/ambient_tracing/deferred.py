@@ -26,6 +26,7 @@ from typing import Any
 
 from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
 from .fanout import FanoutSpan
+from .masking import OutgoingSpan
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -170,14 +171,16 @@ class DeferredSpan:
 def open_deferred_turn(
     worker: SpanWorker, backends: Sequence[TracingBackend], turn: TurnStart
 ) -> DeferredSpan:
-    """The turn's root in ``backends``, opened on the worker under ``turn.trace_id`` (already set)."""
+    """The turn's root in ``backends``, opened on the worker under ``turn.trace_id`` (already set).
+    What the spans get is prepared there too, on the worker (see masking.OutgoingSpan)."""
     assert turn.trace_id is not None
     root = DeferredSpan(worker, turn.trace_id)
 
     def start() -> None:
         spans = [span for backend in backends if (span := _start_turn(backend, turn)) is not None]
         if spans:
-            root._span = FanoutSpan(spans, root.trace_id)
+            fanout = FanoutSpan(spans, root.trace_id)
+            root._span = OutgoingSpan(fanout, turn.masked)
 
     worker.submit(start)
     return root

@@ -1,22 +1,28 @@
-"""The runner's privacy mask (``LANGFUSE_MASK_MESSAGES``), for every backend.
+"""The runner's privacy mask (``LANGFUSE_MASK_MESSAGES``), for every backend, and what else is done
+to a span's values as they leave the process.
 
 With the mask on, no string longer than 50 characters that came from the user, the model, a tool
 or an error reaches a backend: not in inputs, outputs, status messages, attributes, metadata, tags,
-span names, dict keys, nor the Session Metrics. :class:`MaskingSpan` applies it to everything the
-core hands a span, and :func:`mask_turn` to what a turn opens with, so a field the core adds later
-is masked too. Ids longer than the limit become a digest (``masked-<16 hex>``), the same for the
-same id, so sessions and users still group; shorter strings (ids, names, labels, "ok") stay.
+span names, dict keys, nor the Session Metrics. :func:`mask_turn` masks what a turn opens with and
+marks it (:attr:`TurnStart.masked`); everything the core later hands the turn's spans is masked
+where each span is built or encoded, off the event loop: by :class:`OutgoingSpan` on the span worker
+(SDK backends) and by :func:`outgoing_record` on each exporter's thread, so a field the core adds
+later is masked too. Ids longer than the limit become a digest (``masked-<16 hex>``), the same for
+the same id, so sessions and users still group; shorter strings (ids, names, labels, "ok") stay.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from .backends.base import Span, SpanKind, TokenUsage, TurnStart
 from .ratings import Rating
+from .records import SpanRecord
 
 REDACTED = "[REDACTED FOR PRIVACY]"
 # Strings up to this length (ids, short labels, "ok") stay readable; longer ones are content.
@@ -24,6 +30,26 @@ MAX_VISIBLE_CHARS = 50
 # Deeper than this, a value is redacted whole (JSON from the wire may nest thousands deep).
 _MAX_DEPTH = 64
 _SCALARS = (int, float, bool, type(None))
+
+
+class JsonText(str):
+    """Tool arguments or a tool result as the wire gave them. Whether it is JSON is found out, and
+    the JSON decoded, only where the span is built or encoded, off the event loop (:func:`decoded`)."""
+
+    __slots__ = ()
+
+
+def decoded(value: Any) -> Any:
+    """A :class:`JsonText` as its JSON value when it is JSON, else as plain text; anything else as is."""
+    if type(value) is not JsonText:
+        return value
+    text = str(value)
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
 
 
 def mask(value: Any, _depth: int = 0) -> Any:
@@ -90,9 +116,10 @@ def _short(text: str | None) -> bool:
 
 
 def mask_turn(turn: TurnStart) -> TurnStart:
-    """What a turn opens with, masked (ids as digests)."""
+    """What a turn opens with, masked (ids as digests), and marked so its spans are masked too."""
     return replace(
         turn,
+        masked=True,
         thread_id=mask_id(turn.thread_id),
         run_id=mask_id(turn.run_id),
         user_id=mask_id(turn.user_id),
@@ -100,6 +127,28 @@ def mask_turn(turn: TurnStart) -> TurnStart:
         input=mask(turn.input),
         attributes=None if turn.attributes is None else _mask_attributes(turn.attributes),
     )
+
+
+def outgoing_record(record: SpanRecord) -> SpanRecord:
+    """An ended span record as it leaves the process: its :class:`JsonText` decoded and, when its
+    turn is masked, everything the core passed masked (the turn itself already is). A copy when
+    anything changes; run on an exporter's thread."""
+    if not record.turn.masked:
+        if type(record.input) is not JsonText and type(record.output) is not JsonText:
+            return record
+        plain = copy.copy(record)
+        plain.input, plain.output = decoded(record.input), decoded(record.output)
+        return plain
+    masked = copy.copy(record)
+    masked.name = mask_name(record.name)
+    masked.input = mask(decoded(record.input))
+    masked.attributes = _mask_attributes(record.attributes)
+    masked.output = mask(decoded(record.output))
+    masked.error = mask_text(record.error)
+    masked.model = mask(record.model)
+    masked.usage = mask_usage(record.usage)
+    masked.end_attributes = _mask_attributes(record.end_attributes)
+    return masked
 
 
 def mask_rating(rating: Rating) -> Rating:
@@ -128,17 +177,23 @@ def _mask_attributes(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] 
     return masked
 
 
-class MaskingSpan:
-    """A span that masks everything passed to it before the backends' span sees it."""
+class OutgoingSpan:
+    """A span that prepares everything passed to it as it leaves the process (:class:`JsonText`
+    decoded; all of it masked when ``masked``) before the backend's span sees it. Wrapped around a
+    backend's span where that span is built: on the span worker, or on the loop for an in-process one."""
 
-    __slots__ = ("_span",)
+    __slots__ = ("_masked", "_span")
 
-    def __init__(self, span: Span) -> None:
+    def __init__(self, span: Span, masked: bool) -> None:
         self._span = span
+        self._masked = masked
 
     @property
     def trace_id(self) -> str:
         return self._span.trace_id
+
+    def _value(self, value: Any) -> Any:
+        return mask(decoded(value)) if self._masked else decoded(value)
 
     def start_child(
         self,
@@ -149,18 +204,18 @@ class MaskingSpan:
         attributes: Mapping[str, Any] | None = None,
         start_time_ns: int | None = None,
     ) -> Span:
-        return MaskingSpan(
-            self._span.start_child(
-                mask_name(name),
-                kind,
-                input=mask(input),
-                attributes=_mask_attributes(attributes),
-                start_time_ns=start_time_ns,
-            )
+        masked = self._masked
+        child = self._span.start_child(
+            mask_name(name) if masked else name,
+            kind,
+            input=self._value(input),
+            attributes=_mask_attributes(attributes) if masked else attributes,
+            start_time_ns=start_time_ns,
         )
+        return OutgoingSpan(child, masked)
 
     def set_input(self, input: Any) -> None:
-        self._span.set_input(mask(input))
+        self._span.set_input(self._value(input))
 
     def end(
         self,
@@ -172,8 +227,18 @@ class MaskingSpan:
         attributes: Mapping[str, Any] | None = None,
         end_time_ns: int | None = None,
     ) -> None:
+        if not self._masked:
+            self._span.end(
+                output=decoded(output),
+                error=error,
+                model=model,
+                usage=usage,
+                attributes=attributes,
+                end_time_ns=end_time_ns,
+            )
+            return
         self._span.end(
-            output=mask(output),
+            output=mask(decoded(output)),
             error=mask_text(error),
             model=mask(model),
             usage=mask_usage(usage),

@@ -27,7 +27,7 @@ from .delivery import DEFAULT_TRACE_WAIT_SECONDS, RatingDelivery
 from .detached import call_detached
 from .fanout import FanoutSpan
 from .ids import new_trace_id, parse_trace_id
-from .masking import MaskingSpan, mask_id, mask_rating, mask_turn
+from .masking import OutgoingSpan, mask_id, mask_rating, mask_turn
 from .metrics import DEFAULT_SESSION_IDLE_SECONDS, SessionMetrics, SessionReporter
 from .owners import TraceOwners
 from .pricing import ModelPrice, Pricing
@@ -420,13 +420,13 @@ class Observability:
                 elif _accepts(backend, chosen):
                     deferred.append(backend)
                 continue
-            try:  # an in-process backend without SDK calls: opened here
+            try:  # an in-process backend without SDK calls: opened (and masked) here
                 span = backend.start_turn(turn)
             except Exception as exc:
                 logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
                 continue
             if span is not None:
-                spans.append(span)
+                spans.append(OutgoingSpan(span, turn.masked))
         if sinks:
             # One tree of records for every such backend: built once, encoded per destination.
             spans.append(RecordSpan.open_turn(turn, tuple(sinks)))
@@ -437,9 +437,9 @@ class Observability:
             return None
         if thread_id:
             self._threads.turn_started(thread_id, chosen)
+        # What the core passes is prepared (JSON decoded; masked, new fields included) where each
+        # kind of span is built or encoded: in-process spans here, the others off the loop.
         span = spans[0] if len(spans) == 1 else FanoutSpan(spans, chosen)
-        if self.mask_messages:
-            span = MaskingSpan(span)  # whatever the core passes on is masked, new fields included
         return Turn(span=span, trace_id=chosen, thread_id=thread_id, context=context)
 
     def usage_delta(self, thread_id: str | None, totals: Mapping[str, int]) -> dict[str, int]:

@@ -29,6 +29,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from .masking import outgoing_record
 from .records import SpanRecord
 
 logger = logging.getLogger(__name__)
@@ -309,6 +310,8 @@ class OtlpExporter:
         queue = self._queue
         while queue and not self._stopping.is_set():
             batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
+            # JSON decoded and the privacy mask applied here, on the exporter's thread, not on the loop.
+            batch = [outgoing_record(record) for record in batch]
             try:
                 body, skipped = encode_counting(batch, self.mapper)
             except Exception as exc:  # pragma: no cover - per-record errors are caught inside

@@ -94,7 +94,7 @@ class RunResponder:
         self._tracer: StreamTracer | None = None
         self._finished = False
         self._disconnected = False
-        self._skip: bytes | None = None  # see _passes_untraced
+        self._skip: bytes | None = None  # see _sent_whole_frame
         # False for a body of declared length: its runs are traced, their ids not inserted.
         self._announce = True
 
@@ -129,15 +129,20 @@ class RunResponder:
         if skip is not None:
             # The hot path: one more whole frame of a type just found not worth tracing.
             body = message.get("body", b"")
-            if body.startswith(skip) and _one_data_line(body) and message.get("more_body", False):
+            if (
+                body.startswith(skip)
+                and body.find(10) == len(body) - 2  # one line, then the blank line
+                and body[-1] == 10
+                and 13 not in body
+                and message.get("more_body", False)
+            ):
                 await self._send(message)
                 return
         kind = message["type"]
         if kind == "http.response.body" and self._scanner is not None:
-            if not self._passes_untraced(message):
-                await self._send_traced(message)
-                return
-        elif kind == "http.response.start":
+            await self._send_traced(message)
+            return
+        if kind == "http.response.start":
             if is_event_stream(message):
                 self._scanner = SseScanner()
                 self._announce = not declares_length(message)
@@ -145,35 +150,14 @@ class RunResponder:
                 self._body.drop()  # not a run: its request body is not needed
         await self._send(message)
 
-    def _passes_untraced(self, message: Message) -> bool:
-        """One whole ``data:`` frame of a type the tracer does not want now (most text deltas):
-        forwarded without scanning or parsing it. This is the hot path, so it is kept flat."""
-        tracer = self._tracer
-        if tracer is None or not message.get("more_body", False):
-            return False
-        body: bytes = message.get("body", b"")
-        scanner = self._scanner
-        if (
-            not body.startswith(b'data: {"type":"')
-            or not _one_data_line(body)
-            or scanner is None
-            or not scanner.idle
-        ):
-            return False
-        end = body.find(b'"', 15)
-        if end < 0 or tracer.wants(body[15:end].decode("latin-1")):
-            return False
-        # Until the next traced chunk (the only thing that changes the tracer's or scanner's state),
-        # frames of this type pass on the hot path in send().
-        self._skip = body[: end + 1]
-        return True
-
     async def _send_traced(self, message: Message) -> None:
         """Forward one body chunk and trace its events after their bytes are out. Only a run's
         opening waits for tracing: its bytes go out, then the turn opens, then its id frame."""
         self._skip = None
         body: bytes = message.get("body", b"")
         more_body: bool = message.get("more_body", False)
+        if more_body and await self._sent_whole_frame(message, body):
+            return
         try:
             frames = self._frames(body, more_body)
         except Exception as exc:  # the app's bytes matter more than the trace
@@ -198,6 +182,28 @@ class RunResponder:
         if not more_body:
             self._close(None)
 
+    async def _sent_whole_frame(self, message: Message, body: bytes) -> bool:
+        """The common case, kept flat: a chunk that is one whole frame, type-first, of a run already
+        traced. Sent, then traced; a type the tracer does not want now is not parsed, and frames of
+        that type pass on the hot path in :meth:`send` until the next traced chunk."""
+        tracer = self._tracer
+        scanner = self._scanner
+        if tracer is None or scanner is None:
+            return False
+        data = scanner.whole_frame(body)
+        if data is None:
+            return False
+        typed = _event_type(data)
+        if typed is None or typed[0] == "RUN_STARTED":
+            return False  # parsed or announced on the general path; the scanner saw nothing yet
+        kind, end = typed
+        await self._send(message)
+        if tracer.wants(kind):
+            self._trace_data(tracer, data)
+        else:
+            self._skip = body[: 6 + end + 1]  # up to the closing quote of the type
+        return True
+
     async def _send_part(self, part: bytes) -> None:
         if part:
             await self._send({"type": "http.response.body", "body": part, "more_body": True})
@@ -214,7 +220,8 @@ class RunResponder:
         for end, data in found:
             if data is None:
                 continue
-            kind = _event_type(data)
+            typed = _event_type(data)
+            kind: Any = typed[0] if typed is not None else None
             event = None
             if kind is None:  # not written type-first: parse it now to learn whether it opens a run
                 event = self._parse(data)
@@ -248,6 +255,16 @@ class RunResponder:
             tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
             return None
 
+    def _trace_data(self, tracer: StreamTracer, data: bytes) -> None:
+        """Feed one event of a run already open to the tracer (its bytes are out already)."""
+        event = self._parse(data)
+        if event is None:
+            return
+        try:
+            tracer.on_event(event)
+        except Exception as exc:
+            tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
+
     def _parse(self, data: bytes) -> dict[str, Any] | None:
         """The event as a dict; None for JSON that is not an object, and for non-JSON (with a warning)."""
         try:
@@ -279,11 +296,6 @@ class RunResponder:
             self._tracer = None
 
 
-def _one_data_line(body: bytes) -> bool:
-    """A whole frame of one LF-ended line (``data: ...\\n\\n``): nothing left over for the scanner."""
-    return body.endswith(b"\n\n") and body.count(b"\n") == 2 and b"\r" not in body
-
-
 class _Frame(NamedTuple):
     end: int  # offset in the chunk just after the frame's blank line
     data: bytes
@@ -291,11 +303,12 @@ class _Frame(NamedTuple):
     event: dict[str, Any] | None  # the parsed event, when it had to be parsed already
 
 
-def _event_type(data: bytes) -> str | None:
-    """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it."""
+def _event_type(data: bytes) -> tuple[str, int] | None:
+    """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it,
+    and the offset of its closing quote."""
     if data.startswith(b'{"type":'):
         start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
         end = data.find(b'"', start) if start else -1
         if end > 0:
-            return data[start:end].decode("latin-1")
+            return data[start:end].decode("latin-1"), end
     return None

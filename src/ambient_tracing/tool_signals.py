@@ -4,6 +4,7 @@ the agent is asking the user a question. Pure functions of names and AG-UI event
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -42,9 +43,13 @@ DEFAULT_CLARIFICATION_NAMES = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=1024)  # an app has few tool names; asked once per tool call
 def normal_name(name: str) -> str:
     """The last ``__`` part, lower-cased, letters and digits only (``mcp__x__Ask_User``: askuser)."""
-    return re.sub(r"[^a-z0-9]", "", name.rsplit("__", 1)[-1].lower())
+    return _NOT_ALNUM.sub("", name.rsplit("__", 1)[-1].lower())
+
+
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 
 _ERROR_TEXT = re.compile(r"\s*(?:error\b|<tool_use_error>)", re.IGNORECASE)

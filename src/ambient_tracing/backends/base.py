@@ -60,6 +60,9 @@ class TurnStart:
     # When RUN_STARTED was seen (epoch ns, event loop clock): a deferred root opens later on the span
     # worker and must still start before the children it gets with their own loop times.
     start_time_ns: int | None = None
+    # Set by the privacy mask (masking.mask_turn): every span of the run is masked before it leaves the
+    # process, by whoever builds or encodes it off the event loop (span worker, exporter thread).
+    masked: bool = False
 
 
 @runtime_checkable
