@@ -3,7 +3,7 @@
 ``span_costs`` times each operation alone (``time.thread_time_ns``: CPU of the calling thread, i.e.
 of the event loop), as the core calls it for a tool call: ``start_child`` of a tool span,
 ``set_input`` with the parsed arguments, ``end`` with the parsed result; and a turn's root
-(``start_turn``, ``end`` with usage). ``profile_run`` runs one in-process stream under cProfile
+(``start_run``, ``end`` with usage). ``profile_run`` runs one in-process stream under cProfile
 (and pyinstrument when installed) and writes the reports under ``benchmarks/out/``.
 """
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ambient_tracing.backends.base import SpanKind, TokenUsage, TracingBackend, TurnStart
+from ambient_tracing.backends.base import RunStart, SpanKind, TokenUsage, TracingBackend
 
 from .common import median
 from .inprocess import drive
@@ -29,7 +29,7 @@ OUT = Path(__file__).resolve().parent / "out"
 ARGUMENTS = {"query": "weather in Paris tomorrow", "limit": 3}
 RESULT = {"results": [{"title": f"Forecast {i}", "url": f"https://example.com/{i}"} for i in range(4)]}
 OPERATIONS = (
-    "root start_turn",
+    "root start_run",
     "root end (usage)",
     "tool start_child",
     "tool set_input",
@@ -37,8 +37,8 @@ OPERATIONS = (
 )
 
 
-def _turn(index: int, trace_id: str | None) -> TurnStart:
-    return TurnStart(
+def _turn(index: int, trace_id: str | None) -> RunStart:
+    return RunStart(
         thread_id=f"thread-{index}",
         run_id=f"run-{index}",
         user_id="bench-user",
@@ -58,8 +58,8 @@ def span_costs(backend: TracingBackend, *, turns: int = 20, tools_per_turn: int 
     usage = (TokenUsage(model="gpt-bench", input_tokens=1200, output_tokens=300, total_tokens=1500),)
     for index in range(turns):
         t0 = clock()
-        root = backend.start_turn(_turn(index, None))
-        samples["root start_turn"].append((clock() - t0) / 1e3)
+        root = backend.start_run(_turn(index, None))
+        samples["root start_run"].append((clock() - t0) / 1e3)
         assert root is not None, "the backend did not record the turn"
         for call in range(tools_per_turn):
             t0 = clock()
@@ -174,10 +174,10 @@ class TimedBackend:
     def setup(self) -> None:
         self._backend.setup()
 
-    def start_turn(self, turn: TurnStart) -> _TimedSpan | None:
+    def start_run(self, turn: RunStart) -> _TimedSpan | None:
         t0 = time.thread_time_ns()
-        span = self._backend.start_turn(turn)
-        self.samples.setdefault("turn start_turn", []).append((time.thread_time_ns() - t0) / 1e3)
+        span = self._backend.start_run(turn)
+        self.samples.setdefault("turn start_run", []).append((time.thread_time_ns() - t0) / 1e3)
         return None if span is None else _TimedSpan(span, "turn", self.samples)
 
     def flush(self, timeout: float) -> None:

@@ -55,7 +55,7 @@ class NullBackend:
     def setup(self) -> None:
         pass
 
-    def start_turn(self, turn: Any) -> NullSpan:
+    def start_run(self, turn: Any) -> NullSpan:
         return NullSpan()
 
     def flush(self, timeout: float) -> None:

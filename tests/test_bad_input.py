@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from ambient_tracing import SpanKind, TurnStart
+from ambient_tracing import RunStart, SpanKind
 from ambient_tracing import sse as sse_module
-from ambient_tracing.core import MAX_TEXT_CHARS, TRUNCATED
+from ambient_tracing.tracer.handlers import MAX_TEXT_CHARS, TRUNCATED
 from tests.support.agui_app import run_input
 from tests.support.pair import Fetched, Pair, ends_of, fetch, run_events, serve_pair, sse, strip_ids
 from tests.support.recording_backend import RecordedSpan
@@ -462,9 +462,9 @@ class BrokenBackend:
     def setup(self) -> None:
         raise RuntimeError("setup is broken")
 
-    def start_turn(self, turn: TurnStart) -> RaisingSpan:
+    def start_run(self, turn: RunStart) -> RaisingSpan:
         if not self._turns:
-            raise RuntimeError("start_turn is broken")
+            raise RuntimeError("start_run is broken")
         return RaisingSpan()
 
     def flush(self, timeout: float) -> None:
@@ -490,7 +490,7 @@ def full_run(thread: str) -> list[bytes]:
     ]
 
 
-@pytest.mark.parametrize("turns", [False, True], ids=["start_turn-raises", "spans-raise"])
+@pytest.mark.parametrize("turns", [False, True], ids=["start_run-raises", "spans-raise"])
 async def test_a_raising_backend_beside_a_working_one(caplog: pytest.LogCaptureFixture, turns: bool) -> None:
     with serve_pair(others=[BrokenBackend(turns=turns)]) as served:
         started = time.monotonic()
@@ -510,5 +510,5 @@ async def test_only_a_raising_backend(caplog: pytest.LogCaptureFixture) -> None:
         )
         assert b"ambient:trace_id" not in traced.raw
         assert {record.getMessage() for record in warnings_of(caplog)} == {
-            "ambient-tracing: broken could not start a turn: RuntimeError('start_turn is broken')"
+            "ambient-tracing: broken could not start a turn: RuntimeError('start_run is broken')"
         }

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from ambient_tracing import Observability, SpanKind, StreamTracer, core
-from ambient_tracing.core import MAX_TEXT_CHARS, TRUNCATED
-from ambient_tracing.masking import REDACTED
-from ambient_tracing.request import RunRequest
+from ambient_tracing.privacy import REDACTED
+from ambient_tracing.tracer.handlers import MAX_TEXT_CHARS, TRUNCATED
+from ambient_tracing.tracer.request import RunRequest
 from tests.support.recording_backend import RecordedSpan, RecordingBackend
 
 
@@ -47,7 +47,7 @@ def test_run_started_opens_the_turn_and_returns_its_id() -> None:
     backend, ids, obs = trace(run())
     turn = only_turn(backend)
     assert ids == [turn.trace_id, None]
-    assert turn.name == "llm_interaction" and turn.kind is SpanKind.TURN
+    assert turn.name == "llm_interaction" and turn.kind is SpanKind.RUN
     assert turn.input == "hello"
     assert turn.turn is not None
     assert (turn.turn.thread_id, turn.turn.run_id, turn.turn.turn_number) == ("th", "r", 1)

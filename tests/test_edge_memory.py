@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.request_body import MAX_REQUEST_BYTES, PREFIX_BYTES, RequestBody
+from ambient_tracing.doors.request_body import MAX_REQUEST_BYTES, PREFIX_BYTES, RequestBody
 from tests.support.agui_app import scripted_run
 from tests.support.asgi_driver import http_scope
 from tests.support.recording_backend import RecordingBackend

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from ambient_tracing import Observability, StreamTracer
-from ambient_tracing.emitter import Emitter
-from ambient_tracing.metrics import MAX_SWEEP_PER_TICK, SessionReporter
-from ambient_tracing.request import RunRequest
+from ambient_tracing.session_metrics.emitter import Emitter
+from ambient_tracing.session_metrics.metrics import MAX_SWEEP_PER_TICK, SessionReporter
+from ambient_tracing.tracer.request import RunRequest
 from tests.support.recording_backend import RecordingBackend
 
 

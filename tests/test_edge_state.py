@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ambient_tracing import Observability, StreamTracer
-from ambient_tracing.pricing import MAX_MODEL_NAME_CHARS, Pricing, TokenCounts
-from ambient_tracing.request import RunRequest
+from ambient_tracing.session_metrics.pricing import MAX_MODEL_NAME_CHARS, Pricing, TokenCounts
+from ambient_tracing.tracer.request import RunRequest
 from tests.support.recording_backend import RecordingBackend
 
 

@@ -29,9 +29,9 @@ from starlette.routing import Route
 
 from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint, parse_feedback
 from ambient_tracing.backends.mlflow import MlflowBackend
+from ambient_tracing.feedback.spool import Limits, RatingStore
 from ambient_tracing.ids import new_trace_id
-from ambient_tracing.masking import mask_id
-from ambient_tracing.spool import Limits, RatingStore
+from ambient_tracing.privacy import mask_id
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace

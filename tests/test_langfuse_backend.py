@@ -17,7 +17,7 @@ from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import use_span
 
-from ambient_tracing.backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
+from ambient_tracing.backends.base import RunStart, Span, SpanKind, TokenUsage, TracingBackend
 from ambient_tracing.backends.langfuse import LangfuseBackend
 from tests.support.langfuse_receiver import LangfuseReceiver, ReceivedSpan
 
@@ -26,7 +26,7 @@ pytest_plugins = ["tests.support.fixtures_langfuse"]
 pytestmark = pytest.mark.timeout(60)
 
 
-def make_turn(**overrides: Any) -> TurnStart:
+def make_turn(**overrides: Any) -> RunStart:
     values: dict[str, Any] = {
         "thread_id": "thread-1",
         "run_id": "run-1",
@@ -38,7 +38,7 @@ def make_turn(**overrides: Any) -> TurnStart:
         "attributes": {"gen_ai.request.model": "claude-sonnet-4", "ambient.namespace": "team-a"},
     }
     values.update(overrides)
-    return TurnStart(**values)
+    return RunStart(**values)
 
 
 def json_attr(span: ReceivedSpan, key: str) -> Any:
@@ -53,7 +53,7 @@ def closed_port() -> int:
 
 def run_turns(backend: LangfuseBackend, count: int) -> None:
     for number in range(count):
-        root = backend.start_turn(make_turn(turn_number=number))
+        root = backend.start_run(make_turn(turn_number=number))
         assert root is not None
         child = root.start_child("tool_Read", SpanKind.TOOL, input={"path": "/tmp/x"})
         child.end(output="text")
@@ -65,7 +65,7 @@ def test_backend_satisfies_protocol(langfuse_backend: Any) -> None:
     assert isinstance(backend, TracingBackend)
     assert backend.name == "langfuse"
     backend.setup()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert isinstance(root, Span)
     assert len(root.trace_id) == 32 and root.trace_id == root.trace_id.lower()
     int(root.trace_id, 16)
@@ -74,7 +74,7 @@ def test_backend_satisfies_protocol(langfuse_backend: Any) -> None:
 
 def test_turn_with_tool_child(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     tool = root.start_child(
         "tool_Read",
@@ -127,7 +127,7 @@ def test_turn_with_tool_child(langfuse_backend: Any, langfuse_receiver: Langfuse
 
 def test_trace_attributes_on_every_span(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn(run_id=None))
+    root = backend.start_run(make_turn(run_id=None))
     assert root is not None
     step = root.start_child("step", SpanKind.STEP)
     thinking = step.start_child("thinking", SpanKind.REASONING)
@@ -169,7 +169,7 @@ def test_trace_attributes_on_every_span(langfuse_backend: Any, langfuse_receiver
 
 def test_long_values_are_cut_to_fit(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn(user_name='"q"' * 150, thread_id="t" * 300))
+    root = backend.start_run(make_turn(user_name='"q"' * 150, thread_id="t" * 300))
     assert root is not None
     root.end()
     backend.flush(5)
@@ -182,7 +182,7 @@ def test_long_values_are_cut_to_fit(langfuse_backend: Any, langfuse_receiver: La
 def test_chosen_trace_id_is_honoured(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
     trace_id = uuid.uuid4().hex
-    root = backend.start_turn(make_turn(trace_id=trace_id.upper()))
+    root = backend.start_run(make_turn(trace_id=trace_id.upper()))
     assert root is not None and root.trace_id == trace_id
     root.start_child("tool_Bash", SpanKind.TOOL).end()
     root.end()
@@ -194,7 +194,7 @@ def test_chosen_trace_id_is_honoured(langfuse_backend: Any, langfuse_receiver: L
 def test_invalid_trace_id_is_replaced(langfuse_backend: Any, caplog: pytest.LogCaptureFixture) -> None:
     backend = langfuse_backend()
     with caplog.at_level(logging.WARNING, logger="ambient_tracing"):
-        root = backend.start_turn(make_turn(trace_id="not-a-trace-id"))
+        root = backend.start_run(make_turn(trace_id="not-a-trace-id"))
     assert root is not None and len(root.trace_id) == 32
     assert "invalid trace id" in caplog.text
     root.end()
@@ -202,7 +202,7 @@ def test_invalid_trace_id_is_replaced(langfuse_backend: Any, caplog: pytest.LogC
 
 def test_error_sets_level_and_status(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     tool = root.start_child("tool_Bash", SpanKind.TOOL, input={"command": "false"})
     tool.end(error="exit code 1")
@@ -218,7 +218,7 @@ def test_error_sets_level_and_status(langfuse_backend: Any, langfuse_receiver: L
 
 def test_set_input_and_end_attributes(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     tool = root.start_child("tool_Write", SpanKind.TOOL)
     tool.set_input({"file_path": "a.txt"})
@@ -232,7 +232,7 @@ def test_set_input_and_end_attributes(langfuse_backend: Any, langfuse_receiver: 
 
 def test_usage_of_one_model_is_summed(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     root.end(
         usage=[
@@ -249,7 +249,7 @@ def test_usage_of_one_model_is_summed(langfuse_backend: Any, langfuse_receiver: 
 
 def test_usage_of_several_models(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     root.end(
         usage=[
@@ -266,7 +266,7 @@ def test_usage_of_several_models(langfuse_backend: Any, langfuse_receiver: Langf
 
 def test_end_is_idempotent(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend()
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     tool = root.start_child("tool_Read", SpanKind.TOOL)
     tool.end(output="x")
@@ -298,7 +298,7 @@ def test_with_an_sdk_client_end_is_idempotent_and_never_raises(
         tracer_provider=TracerProvider(),
     )
     backend = LangfuseBackend(client=client, flush_timeout=5)
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     tool = root.start_child("tool_Read", SpanKind.TOOL)
 
@@ -324,12 +324,12 @@ def test_with_an_sdk_client_end_is_idempotent_and_never_raises(
 
 def test_sampled_out_turn_returns_none(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     sampled_out = langfuse_backend(sample_rate=0.0)
-    assert sampled_out.start_turn(make_turn()) is None
-    assert sampled_out.start_turn(make_turn(trace_id=uuid.uuid4().hex)) is None
+    assert sampled_out.start_run(make_turn()) is None
+    assert sampled_out.start_run(make_turn(trace_id=uuid.uuid4().hex)) is None
     sampled_out.flush(5)
     # the same receiver still gets a sampled backend's spans: nothing was lost on the way
     sampled = langfuse_backend(sample_rate=1.0)
-    root = sampled.start_turn(make_turn())
+    root = sampled.start_run(make_turn())
     assert root is not None
     root.end()
     sampled.flush(5)
@@ -354,7 +354,7 @@ def test_backends_with_one_key_export_to_their_own_hosts(langfuse_receiver: Lang
         try:
             ids = []
             for backend in backends:
-                root = backend.start_turn(make_turn())
+                root = backend.start_run(make_turn())
                 assert root is not None
                 root.end()
                 ids.append(root.trace_id)
@@ -377,7 +377,7 @@ def test_given_client_is_used(langfuse_receiver: LangfuseReceiver) -> None:
         tracer_provider=TracerProvider(),
     )
     backend = LangfuseBackend(client=client, flush_timeout=5)
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     root.end()
     backend.flush(5)
@@ -391,7 +391,7 @@ def test_foreign_current_span_is_left_alone(
     foreign = TracerProvider().get_tracer("app").start_span("http request")
     backend = langfuse_backend()
     with use_span(foreign, end_on_exit=True):
-        root = backend.start_turn(make_turn())
+        root = backend.start_run(make_turn())
         assert root is not None
         root.start_child("tool_Read", SpanKind.TOOL).end()
         root.end()
@@ -435,7 +435,7 @@ def test_unavailable_host_never_raises(langfuse_backend: Any, langfuse_receiver:
 
 def test_environment_and_scores(langfuse_backend: Any, langfuse_receiver: LangfuseReceiver) -> None:
     backend = langfuse_backend(environment="staging")
-    root = backend.start_turn(make_turn())
+    root = backend.start_run(make_turn())
     assert root is not None
     root.end()
     backend.client.create_score(

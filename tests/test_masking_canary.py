@@ -20,8 +20,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.masking import REDACTED, mask_id
-from ambient_tracing.ratings import Rating
+from ambient_tracing.backends.rating import Rating
+from ambient_tracing.privacy import REDACTED, mask_id
 from tests.support.fixtures_mlflow import MlflowServer
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.pair import sse

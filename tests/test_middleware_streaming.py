@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from starlette.types import Scope
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.request_body import MAX_REQUEST_BYTES
+from ambient_tracing.doors.request_body import MAX_REQUEST_BYTES
 from tests.support.agui_app import run_input, scripted_run
 from tests.support.pair import (
     Pair,
@@ -456,9 +456,9 @@ async def test_run_started_goes_out_before_the_turn_opens_and_text_before_it_is_
     sent: list[bytes] = []
 
     class Watching(RecordingBackend):
-        def start_turn(self, turn):  # type: ignore[no-untyped-def]
+        def start_run(self, turn):  # type: ignore[no-untyped-def]
             self.seen_at_open = b"".join(sent)
-            return super().start_turn(turn)
+            return super().start_run(turn)
 
     backend = Watching()
     started = frame({"type": "RUN_STARTED", "threadId": "t", "runId": "r"})

@@ -11,7 +11,7 @@ import pytest
 from ag_ui.core import EventType, RunErrorEvent, RunStartedEvent, ToolCallStartEvent
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.backends.base import SpanKind, TokenUsage, TurnStart
+from ambient_tracing.backends.base import RunStart, SpanKind, TokenUsage
 from ambient_tracing.backends.mlflow import MlflowBackend, to_mlflow_trace_id
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
@@ -20,7 +20,7 @@ from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.server import serve
 
 
-def _turn(**overrides: Any) -> TurnStart:
+def _turn(**overrides: Any) -> RunStart:
     values: dict[str, Any] = {
         "thread_id": "thread-1",
         "run_id": "run-1",
@@ -30,7 +30,7 @@ def _turn(**overrides: Any) -> TurnStart:
         "turn_number": 1,
         "input": "What is the meaning of life?",
     }
-    return TurnStart(**{**values, **overrides})
+    return RunStart(**{**values, **overrides})
 
 
 def _spans_by_name(trace: Any) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def _spans_by_name(trace: Any) -> dict[str, Any]:
 
 def test_a_turn_with_a_tool_is_stored_with_names_parents_tags_and_usage(mlflow_backend: Any) -> None:
     backend: MlflowBackend = mlflow_backend()
-    root = backend.start_turn(_turn(attributes={"gen_ai.conversation.id": "thread-1"}))
+    root = backend.start_run(_turn(attributes={"gen_ai.conversation.id": "thread-1"}))
     assert root is not None
     assert len(root.trace_id) == 32 and int(root.trace_id, 16) >= 0
     tool = root.start_child("tool_search", SpanKind.TOOL, attributes={"gen_ai.tool.name": "search"})
@@ -80,7 +80,7 @@ def test_a_turn_with_a_tool_is_stored_with_names_parents_tags_and_usage(mlflow_b
 
 def test_an_error_ends_the_span_with_error_status_and_message(mlflow_backend: Any) -> None:
     backend: MlflowBackend = mlflow_backend()
-    root = backend.start_turn(_turn())
+    root = backend.start_run(_turn())
     assert root is not None
     root.start_child("tool_fail", SpanKind.TOOL).end(error="run ended: boom")
     root.end(error="boom")
@@ -93,14 +93,14 @@ def test_an_error_ends_the_span_with_error_status_and_message(mlflow_backend: An
 
 def test_no_turn_before_setup_or_when_tracing_is_disabled(mlflow_server: MlflowServer) -> None:
     backend = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name="not-set-up")
-    assert backend.start_turn(_turn()) is None
+    assert backend.start_run(_turn()) is None
     backend.setup()
     mlflow.tracing.disable()
     try:
-        assert backend.start_turn(_turn()) is None  # never MLflow's placeholder id
+        assert backend.start_run(_turn()) is None  # never MLflow's placeholder id
     finally:
         mlflow.tracing.enable()
-    span = backend.start_turn(_turn())
+    span = backend.start_run(_turn())
     assert span is not None
     span.end()
 
@@ -112,7 +112,7 @@ def test_the_sqlite_store_is_created_when_missing(tmp_path: Path, mlflow_server:
     try:
         backend.setup()
         assert store.exists()
-        root = backend.start_turn(_turn())
+        root = backend.start_run(_turn())
         assert root is not None
         root.end(output="ok")
         trace = wait_for_trace(backend.tracking_uri, root.trace_id)
@@ -197,7 +197,7 @@ def test_a_sampled_out_run_gets_no_id_event(ratio: str, mlflow_backend: Any, mon
     monkeypatch.setenv("MLFLOW_TRACE_SAMPLING_RATIO", ratio)
     mlflow.tracing.reset()  # the sampler is built with the tracer provider
     try:
-        assert backend.start_turn(_turn()) is None
+        assert backend.start_run(_turn()) is None
     finally:
         monkeypatch.delenv("MLFLOW_TRACE_SAMPLING_RATIO")
         mlflow.tracing.reset()
@@ -205,7 +205,7 @@ def test_a_sampled_out_run_gets_no_id_event(ratio: str, mlflow_backend: Any, mon
 
 def test_usage_of_several_models_is_summed_for_the_trace(mlflow_backend: Any) -> None:
     backend: MlflowBackend = mlflow_backend()
-    root = backend.start_turn(_turn())
+    root = backend.start_run(_turn())
     assert root is not None
     for model, tokens in (("a", 10), ("b", 5)):
         root.start_child("model_usage", SpanKind.GENERATION).end(

@@ -12,8 +12,8 @@ import pytest
 import ambient_tracing.observability as observability_module
 from ambient_tracing import Observability, Rating
 from ambient_tracing.backends.base import RatingRejected, TraceNotStored
-from ambient_tracing.delivery import RatingDelivery
-from ambient_tracing.spool import StoreFull
+from ambient_tracing.feedback.delivery import RatingDelivery
+from ambient_tracing.feedback.spool import StoreFull
 from tests.support.recording_backend import RecordedSpan as RecordedSpanType
 from tests.support.recording_backend import RecordingBackend
 
@@ -73,7 +73,7 @@ async def test_a_backend_down_at_startup_is_set_up_once_it_is_back(monkeypatch: 
 
 
 def test_delivery_retries_until_the_sink_is_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ambient_tracing.delivery.FIRST_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr("ambient_tracing.feedback.delivery.FIRST_RETRY_SECONDS", 0.01)
     sink = Sink(up=False)
     delivery = RatingDelivery([sink], spool=tmp_path / "feedback.db")
     assert delivery.submit(a_rating()).result(10) == ["sink"]  # committed
@@ -99,7 +99,7 @@ def test_a_rejected_rating_is_set_aside_and_one_without_trace_skips_trace_sinks(
 def test_a_rating_whose_trace_is_never_stored_is_set_aside_after_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("ambient_tracing.delivery.FIRST_RETRY_SECONDS", 0.01)
+    monkeypatch.setattr("ambient_tracing.feedback.delivery.FIRST_RETRY_SECONDS", 0.01)
 
     class NoTrace(Sink):
         def deliver_rating(self, rating: Rating) -> None:

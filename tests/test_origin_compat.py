@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ambient_tracing import Observability, StreamTracer
-from ambient_tracing.request import RunRequest
+from ambient_tracing.tracer.request import RunRequest
 from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.recording_backend import RecordedSpan, RecordingBackend, outliving_spans

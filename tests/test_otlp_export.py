@@ -21,13 +21,13 @@ from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.backends.base import SpanKind, TokenUsage, TracingBackend, TurnStart
+from ambient_tracing.backends.base import RunStart, SpanKind, TokenUsage, TracingBackend
 from ambient_tracing.backends.langfuse import LangfuseBackend
 from ambient_tracing.backends.langfuse_otlp import LangfuseMapper
 from ambient_tracing.backends.mlflow import MlflowBackend
+from ambient_tracing.backends.otlp import OtlpExporter
+from ambient_tracing.backends.records import RecordSpan, SpanRecord
 from ambient_tracing.ids import new_trace_id
-from ambient_tracing.otlp import OtlpExporter
-from ambient_tracing.records import RecordSpan, SpanRecord
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
@@ -35,7 +35,7 @@ from tests.support.langfuse_receiver import LangfuseReceiver, ReceivedSpan
 from tests.support.server import free_port, serve
 
 
-def _turn(trace_id: str, run_id: str = "run-1", **overrides: Any) -> TurnStart:
+def _turn(trace_id: str, run_id: str = "run-1", **overrides: Any) -> RunStart:
     values: dict[str, Any] = {
         "thread_id": "thread-1",
         "run_id": run_id,
@@ -52,12 +52,12 @@ def _turn(trace_id: str, run_id: str = "run-1", **overrides: Any) -> TurnStart:
             "gen_ai.request.model": "m-1",
         },
     }
-    return TurnStart(**{**values, **overrides})
+    return RunStart(**{**values, **overrides})
 
 
 def _every_kind_of_span(backend: TracingBackend, trace_id: str, failed_id: str) -> None:
     """One run with a step, tools (one failing), reasoning, a subagent, a per-model generation, usage."""
-    root = backend.start_turn(_turn(trace_id))
+    root = backend.start_run(_turn(trace_id))
     assert root is not None
     step = root.start_child("step_plan", SpanKind.STEP)
     tool = step.start_child(
@@ -93,7 +93,7 @@ def _every_kind_of_span(backend: TracingBackend, trace_id: str, failed_id: str) 
         ),
         attributes={"ambient.outcome": "success", "ambient.spans_not_recorded": 3},
     )
-    failed = backend.start_turn(_turn(failed_id, "run-2", user_id=None, user_name=None, input={"a": [1, 2]}))
+    failed = backend.start_run(_turn(failed_id, "run-2", user_id=None, user_name=None, input={"a": [1, 2]}))
     assert failed is not None
     failed.end(
         error="run failed",
@@ -237,9 +237,9 @@ class _Unencodable:
 
 def test_hostile_values_are_encoded_not_raised(langfuse_receiver: LangfuseReceiver) -> None:
     from ambient_tracing.backends.mlflow_otlp import MlflowMapper
-    from ambient_tracing.otlp import encode
+    from ambient_tracing.backends.otlp import encode
 
-    root = RecordSpan.open_turn(_turn(new_trace_id()), ())
+    root = RecordSpan.open_run(_turn(new_trace_id()), ())
     weird = {
         1: "int key",
         "big": 1 << 80,
@@ -316,7 +316,7 @@ def test_memory_stays_bounded_and_retries_are_bounded(
         retries=2,
         retry_delay=0.01,
     )
-    root = RecordSpan.open_turn(_turn(new_trace_id()), (exporter,))
+    root = RecordSpan.open_run(_turn(new_trace_id()), (exporter,))
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
@@ -342,7 +342,7 @@ def test_a_rejecting_collector_is_not_retried(langfuse_receiver: LangfuseReceive
     exporter = OtlpExporter(
         "test", langfuse_receiver.base_url + "/no/such/path", LangfuseMapper(public_key="pk")
     )
-    RecordSpan.open_turn(_turn(new_trace_id()), (exporter,)).end()
+    RecordSpan.open_run(_turn(new_trace_id()), (exporter,)).end()
     assert exporter.flush(10)
     assert exporter.failed == 1 and langfuse_receiver.requests == [("POST", "/no/such/path")]
     exporter.shutdown(1)
@@ -375,7 +375,7 @@ def _origin_run(obs: Observability) -> str:
     """One run with what the origin runner's dashboards rely on: a failed and a good tool, a step,
     usage in RUN_FINISHED.result, namespace and workflow; then the thread's Session Metrics."""
     from ambient_tracing import StreamTracer
-    from ambient_tracing.request import RunRequest
+    from ambient_tracing.tracer.request import RunRequest
 
     tracer = StreamTracer(
         obs, RunRequest(thread_id="th", run_id="r", user_message="hi", user_id="alice", user_name="Alice")

@@ -25,10 +25,10 @@ from ambient_tracing import (
     tool_failure_reason,
 )
 from ambient_tracing.backends.base import TokenUsage
-from ambient_tracing.masking import REDACTED
-from ambient_tracing.metrics import SessionMetrics
-from ambient_tracing.pricing import TokenCounts
-from ambient_tracing.request import RunRequest
+from ambient_tracing.privacy import REDACTED
+from ambient_tracing.session_metrics.metrics import SessionMetrics
+from ambient_tracing.session_metrics.pricing import TokenCounts
+from ambient_tracing.tracer.request import RunRequest
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import wait_for_trace

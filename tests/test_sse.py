@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ambient_tracing.sse import SseScanner, event_data
+from ambient_tracing.doors.sse import SseScanner, event_data
 
 Found = list[tuple[int, bytes | None]]
 

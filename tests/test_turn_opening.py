@@ -1,7 +1,7 @@
 """The package chooses each run's trace id and opens vendor turns off the event loop.
 
 A vendor SDK that hangs while a turn opens must not delay the stream or other requests (issue 8):
-tested over real HTTP (uvicorn on 127.0.0.1) with a backend whose ``start_turn`` blocks, and with
+tested over real HTTP (uvicorn on 127.0.0.1) with a backend whose ``start_run`` blocks, and with
 the real MLflow SDK (sqlite store) adopting the package's id.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.backends.base import TurnStart
+from ambient_tracing.backends.base import RunStart
 from ambient_tracing.ids import new_trace_id, parse_trace_id, sampled, trace_id_from_seed
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
@@ -33,7 +33,7 @@ HANG_SECONDS = 10.0
 
 
 class HangingBackend(RecordingBackend):
-    """A vendor-like backend (deferred) whose SDK hangs in ``start_turn`` until released."""
+    """A vendor-like backend (deferred) whose SDK hangs in ``start_run`` until released."""
 
     name = "hanging"
     defer_spans = True
@@ -44,15 +44,15 @@ class HangingBackend(RecordingBackend):
         self.entered = threading.Event()
         self.opened_on: set[str] = set()
 
-    def start_turn(self, turn: TurnStart) -> Any:
+    def start_run(self, turn: RunStart) -> Any:
         self.opened_on.add(threading.current_thread().name)
         self.entered.set()
         self.release.wait(HANG_SECONDS)
-        return super().start_turn(turn)
+        return super().start_run(turn)
 
 
-def _turn(trace_id: str | None) -> TurnStart:
-    return TurnStart(
+def _turn(trace_id: str | None) -> RunStart:
+    return RunStart(
         thread_id="t-id",
         run_id="r-id",
         user_id="u",
@@ -100,7 +100,7 @@ async def test_a_hanging_sdk_at_turn_opening_delays_neither_the_stream_nor_other
             async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as client:
                 started = time.monotonic()
                 first = await post_run(url, run_input("t-hang", "r-1"), client=client)
-                assert backend.entered.wait(5)  # the SDK is now stuck in start_turn
+                assert backend.entered.wait(5)  # the SDK is now stuck in start_run
                 second = await post_run(url, run_input("t-hang", "r-2"), client=client)
                 health = await client.get(f"{url}/health")
                 elapsed = time.monotonic() - started
@@ -150,11 +150,11 @@ def test_mlflow_with_a_sqlite_store_adopts_the_package_id(
     try:
         backend.setup()
         chosen = new_trace_id()
-        root = backend.start_turn(_turn(chosen))
+        root = backend.start_run(_turn(chosen))
         assert root is not None and root.trace_id == chosen
         root.start_child("tool_x", kind="tool").end(output="ok")  # type: ignore[arg-type]
         root.end(output="done")
-        other = backend.start_turn(_turn(None))  # without an id (called directly): MLflow's own
+        other = backend.start_run(_turn(None))  # without an id (called directly): MLflow's own
         assert other is not None and other.trace_id != chosen
         other.end()
         trace = wait_for_trace(backend.tracking_uri, chosen, lambda t: len(t.data.spans) == 2)

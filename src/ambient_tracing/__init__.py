@@ -1,59 +1,37 @@
 """ambient-tracing: trace every AG-UI agent run to Langfuse and/or MLflow, and tell the browser
 its trace id so feedback lands on the right trace.
 
-Backends are imported lazily, so the package works (as a passthrough) without either vendor SDK.
+The public API is the names below. Writing a backend: :mod:`ambient_tracing.backends`; testing an
+app: :mod:`ambient_tracing.testing`. Backends are imported lazily, so the package works (as a
+passthrough) without either vendor SDK.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
-from .config import LangfuseSettings, MlflowSettings, TracingConfig, Workflow, active_workflow
-from .core import StreamTracer
-from .feedback import feedback_endpoint
-from .metrics import SessionMetrics
-from .middleware import TracingMiddleware
-from .observability import Observability
-from .pricing import DEFAULT_PRICES, ModelPrice, Pricing
-from .ratings import FeedbackError, Rating, parse_feedback
-from .responder import TRACE_ID_EVENT_NAME
-from .spool import Limits as FeedbackLimits
-from .stream import trace_agui_stream, trace_id_event
-from .tool_signals import default_tool_category, tool_failure_reason
+from ambient_tracing.config import FeedbackLimits, TracingConfig
+from ambient_tracing.doors.feedback_route import feedback_endpoint
+from ambient_tracing.doors.middleware import TracingMiddleware
+from ambient_tracing.doors.responder import TRACE_ID_EVENT_NAME
+from ambient_tracing.doors.stream import trace_agui_stream, trace_id_event
+from ambient_tracing.observability import Observability
+from ambient_tracing.session_metrics.pricing import ModelPrice
 
 if TYPE_CHECKING:
-    from .backends.langfuse import LangfuseBackend
-    from .backends.mlflow import MlflowBackend
+    from ambient_tracing.backends.langfuse import LangfuseBackend
+    from ambient_tracing.backends.mlflow import MlflowBackend
 
 __all__ = [
-    "DEFAULT_PRICES",
     "TRACE_ID_EVENT_NAME",
-    "FeedbackError",
     "FeedbackLimits",
     "LangfuseBackend",
-    "LangfuseSettings",
     "MlflowBackend",
-    "MlflowSettings",
     "ModelPrice",
     "Observability",
-    "Pricing",
-    "Rating",
-    "SessionMetrics",
-    "Span",
-    "SpanKind",
-    "StreamTracer",
-    "TokenUsage",
-    "TracingBackend",
     "TracingConfig",
     "TracingMiddleware",
-    "TurnStart",
-    "Workflow",
-    "active_workflow",
-    "default_tool_category",
     "feedback_endpoint",
-    "parse_feedback",
-    "tool_failure_reason",
     "trace_agui_stream",
     "trace_id_event",
 ]
@@ -61,12 +39,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The vendor backends import their SDKs; load them only when asked for.
-    if name == "LangfuseBackend":
-        from .backends.langfuse import LangfuseBackend
+    if name in ("LangfuseBackend", "MlflowBackend"):
+        from ambient_tracing import backends
 
-        return LangfuseBackend
-    if name == "MlflowBackend":
-        from .backends.mlflow import MlflowBackend
-
-        return MlflowBackend
+        return getattr(backends, name)
     raise AttributeError(f"module 'ambient_tracing' has no attribute {name!r}")

@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     if args.command == "demo":
-        from .demo import run_demo
+        from ambient_tracing.demo import run_demo
 
         run_demo(args.store)
     return 0

@@ -14,16 +14,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .metrics import DEFAULT_SESSION_IDLE_SECONDS, UNKNOWN
-from .spool import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, Limits
-
 logger = logging.getLogger("ambient_tracing")
 
 DEFAULT_RUNNER_TYPE = "claude-agent-sdk"
 DEFAULT_EXPERIMENT_NAME = "ambient-code-sessions"
 DEFAULT_FLUSH_TIMEOUT = 30.0
+DEFAULT_MAX_ROWS = 10_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_SET_ASIDE = 1_000
+#: Ratings whose trace owner is checked only at delivery (a trace no backend holds yet) may take
+#: at most this share of the store: a flood of made-up trace ids cannot lock real ratings out.
+DEFAULT_MAX_UNCHECKED = 1_000
+DEFAULT_MAX_PER_THREAD = 200
+DEFAULT_MAX_PER_CALLER = 200
+#: Seconds without activity after which a thread's Session Metrics are emitted.
+DEFAULT_SESSION_IDLE_SECONDS = 900.0
+#: What a missing workflow or namespace is reported as.
+UNKNOWN = "unknown"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackLimits:
+    """Bounds of the durable rating queue (:mod:`ambient_tracing.feedback.spool`). ``max_rows`` /
+    ``max_bytes`` bound the ratings not yet delivered; set-aside
+    ones are kept apart, the newest ``max_set_aside`` rows up to ``max_bytes`` bytes."""
+
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_unchecked: int = DEFAULT_MAX_UNCHECKED
+    max_per_thread: int = DEFAULT_MAX_PER_THREAD
+    max_per_caller: int = DEFAULT_MAX_PER_CALLER
+    max_set_aside: int = DEFAULT_MAX_SET_ASIDE
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +75,7 @@ class TracingConfig:
     #: The durable rating queue, a SQLite file (None: :func:`default_spool_path`).
     feedback_spool: Path | None = None
     #: Bounds of that queue (``AMBIENT_FEEDBACK_MAX_ROWS``, ``AMBIENT_FEEDBACK_MAX_BYTES``).
-    feedback_limits: Limits = field(default_factory=Limits)
+    feedback_limits: FeedbackLimits = field(default_factory=FeedbackLimits)
     # Seconds without activity after which a thread's Session Metrics are emitted; None: only on
     # end_session and at shutdown.
     session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS
@@ -74,7 +97,7 @@ class TracingConfig:
             runner_type=runner_type_slug(env.get("RUNNER_TYPE", "")),
             mask_messages=_flag(env, "LANGFUSE_MASK_MESSAGES", default=True),
             feedback_spool=Path(spool) if (spool := env.get("AMBIENT_FEEDBACK_SPOOL", "").strip()) else None,
-            feedback_limits=Limits(
+            feedback_limits=FeedbackLimits(
                 max_rows=_count(env, "AMBIENT_FEEDBACK_MAX_ROWS", DEFAULT_MAX_ROWS),
                 max_bytes=_count(env, "AMBIENT_FEEDBACK_MAX_BYTES", DEFAULT_MAX_BYTES),
             ),

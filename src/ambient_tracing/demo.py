@@ -42,8 +42,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from .middleware import TracingMiddleware
-from .observability import Observability
+from ambient_tracing.doors.middleware import TracingMiddleware
+from ambient_tracing.observability import Observability
 
 EXPERIMENT = "ambient-tracing-demo"
 MODEL = "scripted-demo-model"
@@ -230,7 +230,7 @@ def _print_tree(spans: list[Any], say: Any) -> None:
 def run_demo(store: Path, say: Any = print) -> list[str]:
     """Run the whole demo against the sqlite store at ``store``; returns the trace ids it saw."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the demo talks to 127.0.0.1 only
-    from .backends.mlflow import MlflowBackend
+    from ambient_tracing.backends.mlflow import MlflowBackend
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its table-creation chatter
 

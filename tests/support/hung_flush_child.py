@@ -9,7 +9,7 @@ import threading
 import time
 
 from ambient_tracing import Observability, StreamTracer
-from ambient_tracing.request import RunRequest
+from ambient_tracing.tracer.request import RunRequest
 from tests.support.recording_backend import RecordingBackend
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     backend.setup()
     before = finder.attempts
     for number in range(1, 4):
-        turn = backend.start_turn(base.TurnStart("t", f"r{number}", None, None, "probe", number, "hi"))
+        turn = backend.start_run(base.RunStart("t", f"r{number}", None, None, "probe", number, "hi"))
         turn.start_child("tool_x", base.SpanKind.TOOL).end(output="ok")
         turn.end(output="done")
     backend.flush(10)

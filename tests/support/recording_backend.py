@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ambient_tracing import SpanKind, TokenUsage, TurnStart
+from ambient_tracing import RunStart, SpanKind, TokenUsage
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RecordedSpan:
     usage: tuple[TokenUsage, ...] = ()
     ended: int = 0
     children: list[RecordedSpan] = field(default_factory=list)
-    turn: TurnStart | None = None
+    turn: RunStart | None = None
     #: When the span started and (first) ended, as ticks of one process-wide counter.
     started_at: int = field(default_factory=lambda: next(_CLOCK))
     ended_at: int | None = None
@@ -109,13 +109,13 @@ class RecordingBackend:
     def setup(self) -> None:
         pass
 
-    def start_turn(self, turn: TurnStart) -> RecordedSpan | None:
+    def start_run(self, turn: RunStart) -> RecordedSpan | None:
         if not self.record:
             return None
         trace_id = turn.trace_id or uuid.uuid4().hex
         span = RecordedSpan(
             "llm_interaction",
-            SpanKind.TURN,
+            SpanKind.RUN,
             trace_id,
             None,
             turn.input,

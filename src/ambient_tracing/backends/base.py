@@ -1,9 +1,9 @@
 """The small protocol every tracing backend implements.
 
-The core speaks only this protocol: it opens one turn per AG-UI run, children under it, and ends
-each span exactly once. Backends translate that into a vendor SDK. Every method here is called on
-the event loop and must not do network I/O; `setup`, `flush` and `shutdown` are called from a
-worker thread and may block.
+The tracer speaks only this protocol: it opens one root span per AG-UI run, children under it, and
+ends each span exactly once. Backends translate that into a vendor SDK or the package's own span
+records (see :class:`TracingBackend` for where each call runs); `setup`, `flush` and `shutdown` are
+called from a worker thread and may block. Feedback goes to backends that are :class:`RatingSink`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ..ratings import Rating
+    from ambient_tracing.backends.rating import Rating
+    from ambient_tracing.backends.records import SpanRecord
+
+#: The name of every run's root span (the origin runner's), which backends also search traces by.
+RUN_SPAN_NAME = "llm_interaction"
 
 
 class SpanKind(StrEnum):
     """What a span stands for; backends map it to their own span/observation types."""
 
-    TURN = "turn"
+    RUN = "run"  # the root: one per AG-UI run
     TOOL = "tool"
     STEP = "step"
     REASONING = "reasoning"
@@ -43,8 +47,8 @@ class TokenUsage:
 
 
 @dataclass(frozen=True, slots=True)
-class TurnStart:
-    """Everything known about a run when its turn opens (at RUN_STARTED)."""
+class RunStart:
+    """Everything known about a run when its run opens (at RUN_STARTED)."""
 
     thread_id: str | None
     run_id: str | None
@@ -60,9 +64,11 @@ class TurnStart:
     # When RUN_STARTED was seen (epoch ns, event loop clock): a deferred root opens later on the span
     # worker and must still start before the children it gets with their own loop times.
     start_time_ns: int | None = None
-    # Set by the privacy mask (masking.mask_turn): every span of the run is masked before it leaves the
+    # Set by the privacy mask (masking.mask_run): every span of the run is masked before it leaves the
     # process, by whoever builds or encodes it off the event loop (span worker, exporter thread).
     masked: bool = False
+    #: The root span's name, given by the tracer.
+    name: str = RUN_SPAN_NAME
 
 
 @runtime_checkable
@@ -122,23 +128,39 @@ class NullSpan:
 NULL_SPAN: Span = NullSpan()
 
 
+class SpanSink(Protocol):
+    """Takes ended span records (:mod:`~ambient_tracing.backends.records`); never blocks (called on
+    the event loop): an OTLP exporter queues them for its own thread."""
+
+    def submit(self, record: SpanRecord) -> None: ...
+
+
 @runtime_checkable
 class TracingBackend(Protocol):
-    """One vendor. ``start_turn`` returns None when the run is not recorded (sampled out, not ready).
+    """One vendor. Its spans are made one of two ways, and nothing it does runs on the event loop:
 
-    A backend with ``defer_spans = True`` has every call, ``start_turn`` included, run on the span
-    worker thread (see deferred.py), never on the event loop. Such a backend may also have
-    ``accepts(trace_id) -> bool``: a cheap check without SDK calls, run on the event loop, whether a
-    run with this id will be recorded (set up, sampled in); the id is announced only if one accepts.
+    - with a ``span_sink`` (not None once set up), the package builds each run's spans as records
+      and hands the ended ones to the sink, which exports them on its own thread;
+    - without one, ``start_run`` and every call on its spans run on the span worker thread
+      (:mod:`ambient_tracing.spans.deferred`), in order, with the times they happened.
+
+    ``accepts(trace_id)`` runs on the event loop and must be cheap (no SDK call): whether a run with
+    this id will be recorded (set up, sampled in); the id is announced only if a backend accepts.
+    ``start_run`` returns None when the run is not recorded after all.
     """
 
     name: str
+
+    @property
+    def span_sink(self) -> SpanSink | None: ...
+
+    def accepts(self, trace_id: str) -> bool: ...
 
     def setup(self) -> None:
         """Blocking one-time preparation (experiment lookup, SDK init). Runs in a worker thread."""
         ...
 
-    def start_turn(self, turn: TurnStart) -> Span | None: ...
+    def start_run(self, run: RunStart) -> Span | None: ...
 
     def record_span(
         self,

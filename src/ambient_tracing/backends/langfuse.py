@@ -1,4 +1,4 @@
-"""Langfuse backend: one ``llm_interaction`` trace per turn, its children as typed observations.
+"""Langfuse backend: one ``llm_interaction`` trace per run, its children as typed observations.
 
 Spans are made with ``start_observation`` and never become the current span, so they may stay open
 across ``yield`` and tasks. Works with langfuse 4.x and 5.x (same observation API). Nothing here does
@@ -30,12 +30,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the Langfuse backend needs the langfuse SDK: pip install 'ambient-tracing[langfuse]'"
     ) from exc
 
-from ..ids import new_trace_id, sampled, trace_id_or_new
-from ..otlp import DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, OtlpExporter
-from ..ratings import Rating
-from ..records import RecordSpan, standalone_record
-from .base import Span, SpanKind, TokenUsage, TurnStart
-from .langfuse_otlp import (
+from ambient_tracing.backends.base import RUN_SPAN_NAME, RunStart, Span, SpanKind, TokenUsage
+from ambient_tracing.backends.langfuse_otlp import (
     GENERATION_LIKE,
     TRACES_PATH,
     TYPES,
@@ -46,11 +42,20 @@ from .langfuse_otlp import (
     standalone_props,
     usage_details,
 )
-from .langfuse_scores import ScoreApi
+from ambient_tracing.backends.langfuse_scores import ScoreApi
+from ambient_tracing.backends.otlp import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_INTERVAL,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_TIMEOUT,
+    OtlpExporter,
+)
+from ambient_tracing.backends.rating import Rating
+from ambient_tracing.backends.records import RecordSpan, standalone_record
+from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
 logger = logging.getLogger("ambient_tracing")
 
-ROOT_NAME = "llm_interaction"
 DEFAULT_HOST = "https://cloud.langfuse.com"
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 try:
@@ -78,7 +83,6 @@ class LangfuseBackend:
     """
 
     name = "langfuse"
-    defer_spans = True  # with an SDK client, each span call costs ~0.1-0.2 ms of CPU: off the event loop
 
     def __init__(
         self,
@@ -95,7 +99,7 @@ class LangfuseBackend:
         self._flush_timeout = flush_timeout
         self._provider: TracerProvider | None = None
         self._closed = False
-        self._sample_rate = 1.0  # with an app's own client: its sampler is unknown, trust start_turn
+        self._sample_rate = 1.0  # with an app's own client: its sampler is unknown, trust start_run
         self._environment = environment or os.environ.get("LANGFUSE_TRACING_ENVIRONMENT") or None
         max_queue = int(client_options.pop("max_queue", DEFAULT_MAX_QUEUE))  # ours, not the SDK's
         self._client_options = client_options
@@ -178,37 +182,37 @@ class LangfuseBackend:
         """Event loop, no SDK call: whether the sampler (ratio by trace id) keeps this run."""
         return not self._closed and sampled(trace_id, self._sample_rate)
 
-    def start_turn(self, turn: TurnStart) -> Span | None:
-        """Open the turn's root under ``turn.trace_id``; None when the SDK does not record it (sampled
+    def start_run(self, run: RunStart) -> Span | None:
+        """Open the turn's root under ``run.trace_id``; None when the SDK does not record it (sampled
         out, disabled). Records (no SDK call) unless an app's own SDK client was given."""
         if self.span_sink is not None:
-            trace_id = trace_id_or_new(turn.trace_id)
+            trace_id = trace_id_or_new(run.trace_id)
             if not self.accepts(trace_id):
                 return None
-            return RecordSpan.open_turn(replace(turn, trace_id=trace_id), (self.span_sink,))
+            return RecordSpan.open_run(replace(run, trace_id=trace_id), (self.span_sink,))
         client = self.client
         try:
-            props = propagated(turn)
+            props = propagated(run)
             context: TraceContext | None = None
-            if turn.trace_id:
-                if _TRACE_ID.match(turn.trace_id.lower()):
-                    context = TraceContext(trace_id=turn.trace_id.lower())
+            if run.trace_id:
+                if _TRACE_ID.match(run.trace_id.lower()):
+                    context = TraceContext(trace_id=run.trace_id.lower())
                 else:
-                    logger.warning("ambient-tracing: ignoring invalid trace id %r", turn.trace_id)
+                    logger.warning("ambient-tracing: ignoring invalid trace id %r", run.trace_id)
             with _scope(props):
                 obs = client.start_observation(
-                    name=ROOT_NAME,
+                    name=run.name,
                     as_type="generation",
-                    input=turn.input,
+                    input=run.input,
                     trace_context=context,
-                    metadata=dict(turn.attributes) if turn.attributes else None,
+                    metadata=dict(run.attributes) if run.attributes else None,
                 )
             otel_span = getattr(obs, "_otel_span", None)
             if otel_span is not None and not otel_span.is_recording():
                 return None
-            if turn.start_time_ns is not None:
-                _backdate(obs, turn.start_time_ns)
-            return _LangfuseSpan(obs, props, ROOT_NAME, "generation", obs.trace_id)
+            if run.start_time_ns is not None:
+                _backdate(obs, run.start_time_ns)
+            return _LangfuseSpan(obs, props, run.name, "generation", obs.trace_id)
         except Exception:
             logger.warning("ambient-tracing: Langfuse could not start a turn", exc_info=True)
             return None
@@ -228,10 +232,10 @@ class LangfuseBackend:
         if self.span_sink is not None:
             trace_id = new_trace_id()
             if self.accepts(trace_id):
-                turn = TurnStart(thread_id, None, user_id, None, runner_type, 0, None, trace_id)
+                run = RunStart(thread_id, None, user_id, None, runner_type, 0, None, trace_id)
                 attributes = dict(metadata) if metadata else None
                 self.span_sink.submit(
-                    standalone_record(trace_id, name, turn, input=input, output=output, attributes=attributes)
+                    standalone_record(trace_id, name, run, input=input, output=output, attributes=attributes)
                 )
             return
         props = standalone_props(name, thread_id, user_id, runner_type, metadata or {})
@@ -269,7 +273,7 @@ class LangfuseBackend:
 
     def latest_trace_id(self, thread_id: str) -> str | None:
         """Blocking: the newest run trace of the thread's session, via the public API."""
-        return self._scores.latest_trace(self.stored_thread_id(thread_id), ROOT_NAME)
+        return self._scores.latest_trace(self.stored_thread_id(thread_id), RUN_SPAN_NAME)
 
     def flush(self, timeout: float) -> None:
         """Export what is pending, waiting at most ``timeout`` seconds."""

@@ -15,15 +15,15 @@ from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
-from ..otlp import STATUS_ERROR, STATUS_UNSET, Scope
-from ..records import ROOT_NAME, SpanRecord
-from .base import SpanKind, TokenUsage, TurnStart
+from ambient_tracing.backends.base import RunStart, SpanKind, TokenUsage
+from ambient_tracing.backends.otlp import STATUS_ERROR, STATUS_UNSET, Scope
+from ambient_tracing.backends.records import SpanRecord
 
 TRACES_PATH = "/api/public/otel/v1/traces"
 SDK_SCOPE = "langfuse-sdk"  # Langfuse reads spans of this scope as its SDK's own
 _MAX_PROPAGATED = 200  # Langfuse drops propagated values longer than this (v5: after JSON encoding)
 TYPES = {
-    SpanKind.TURN: "generation",  # only generation-like observations keep model and usage_details
+    SpanKind.RUN: "generation",  # only generation-like observations keep model and usage_details
     SpanKind.TOOL: "span",  # the origin runner's type, which its dashboards filter on
     SpanKind.STEP: "span",
     SpanKind.REASONING: "span",
@@ -78,22 +78,22 @@ def context(runner_type: str, attributes: Mapping[str, Any]) -> tuple[list[str],
     return [tag for tag in map(fit, tags) if tag], metadata
 
 
-def propagated(turn: TurnStart) -> dict[str, Any]:
-    """Trace-level values put on every observation of the turn (strings of <= 200 chars)."""
-    tags, trace_context = context(turn.runner_type, turn.attributes or {})
+def propagated(run: RunStart) -> dict[str, Any]:
+    """Trace-level values put on every observation of the run (strings of <= 200 chars)."""
+    tags, trace_context = context(run.runner_type, run.attributes or {})
     metadata = {
         **trace_context,
-        "runner_type": turn.runner_type,
-        "turn": turn.turn_number,
-        "thread_id": turn.thread_id,
-        "run_id": turn.run_id,
-        "user_name": turn.user_name,
+        "runner_type": run.runner_type,
+        "turn": run.turn_number,
+        "thread_id": run.thread_id,
+        "run_id": run.run_id,
+        "user_name": run.user_name,
     }
     props = {
-        "user_id": fit(turn.user_id),
-        "session_id": fit(turn.thread_id),
+        "user_id": fit(run.user_id),
+        "session_id": fit(run.thread_id),
         "tags": tags,
-        "trace_name": ROOT_NAME,
+        "trace_name": run.name,
         "metadata": {key: fit(value) for key, value in metadata.items() if value is not None},
     }
     return {key: value for key, value in props.items() if value is not None}
@@ -190,19 +190,19 @@ class LangfuseMapper:
         self._trace_cache: tuple[int, dict[str, Any]] | None = None
 
     def _trace_level(self, record: SpanRecord) -> dict[str, Any]:
-        turn = record.turn
+        run = record.run
         cached = self._trace_cache
-        if cached is not None and cached[0] == id(turn) and not record.standalone:
+        if cached is not None and cached[0] == id(run) and not record.standalone:
             return cached[1]
         if record.standalone:
             props = standalone_props(
-                record.name, turn.thread_id or "", turn.user_id, turn.runner_type, record.attributes or {}
+                record.name, run.thread_id or "", run.user_id, run.runner_type, record.attributes or {}
             )
         else:
-            props = propagated(turn)
+            props = propagated(run)
         attributes = trace_attributes(props)
         if not record.standalone:
-            self._trace_cache = (id(turn), attributes)
+            self._trace_cache = (id(run), attributes)
         return attributes
 
     def attributes(self, record: SpanRecord) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from ..ratings import Rating
-from .base import RatingRejected
+from ambient_tracing.backends.base import RatingRejected
+from ambient_tracing.backends.rating import Rating
 
 _REJECTED = frozenset({400, 422})  # the score itself is invalid: retrying cannot help
 

@@ -1,11 +1,11 @@
-"""MLflow backend: one ``llm_interaction`` trace per turn, made with ``start_span_no_context``.
+"""MLflow backend: one ``llm_interaction`` trace per run, made with ``start_span_no_context``.
 
 Spans are never the current span (they stay open across ``yield``), parents are explicit, and the
 experiment is resolved once in :meth:`MlflowBackend.setup` (a worker thread). Export is MLflow's own
 asynchronous queue: nothing here waits on the network except ``flush``/``shutdown``.
 
 MLflow tracing is process-wide (one tracking URI, one exporter): create one ``MlflowBackend`` per
-process. The trace id of a turn is chosen by the package (``TurnStart.trace_id``, 32 hex) and
+process. The trace id of a run is chosen by the package (``RunStart.trace_id``, 32 hex) and
 becomes MLflow's ``tr-<32 hex>``: MLflow's tracer is an OpenTelemetry tracer, and
 :class:`_ChosenTraceIds` (an OpenTelemetry ``IdGenerator`` wrapped around MLflow's own) hands it the id.
 """
@@ -48,12 +48,16 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("the MLflow backend needs mlflow: pip install 'ambient-tracing[mlflow]'") from exc
 
-from ..ids import new_trace_id, sampled, trace_id_or_new
-from ..otlp import DEFAULT_TIMEOUT, OtlpExporter
-from ..ratings import Rating
-from ..records import RecordSpan, SpanRecord, standalone_record
-from .base import NULL_SPAN, Span, SpanKind, TokenUsage, TraceNotStored, TurnStart
-from .mlflow_otlp import (
+from ambient_tracing.backends.base import (
+    NULL_SPAN,
+    RUN_SPAN_NAME,
+    RunStart,
+    Span,
+    SpanKind,
+    TokenUsage,
+    TraceNotStored,
+)
+from ambient_tracing.backends.mlflow_otlp import (
     EXPERIMENT_HEADER,
     SPAN_TYPES,
     TRACES_PATH,
@@ -66,10 +70,13 @@ from .mlflow_otlp import (
     fit_session,
     present,
 )
+from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
+from ambient_tracing.backends.rating import Rating
+from ambient_tracing.backends.records import RecordSpan, SpanRecord, standalone_record
+from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
 logger = logging.getLogger("ambient_tracing")
 
-ROOT_NAME = "llm_interaction"
 SHUTDOWN_SECONDS = 10.0
 TRACE_ID_PREFIX = "tr-"
 _SPAN_TYPES = {kind: getattr(SpanType, name) for kind, name in SPAN_TYPES.items()}
@@ -114,12 +121,11 @@ class MlflowBackend:
 
     :meth:`setup` sets the tracking URI (process-wide, as ``mlflow.set_tracking_uri`` does), creates
     the experiment if missing and warms MLflow's tracer. Until it has finished, turns are not recorded
-    in MLflow (``start_turn`` returns None): the middleware runs it at application startup.
+    in MLflow (``start_run`` returns None): the middleware runs it at application startup.
     Sampling is MLflow's own (``MLFLOW_TRACE_SAMPLING_RATIO``); a sampled-out run is not recorded.
     """
 
     name = "mlflow"
-    defer_spans = True  # each span call costs ~0.1-0.3 ms of CPU: keep it off the event loop
 
     def __init__(
         self,
@@ -194,50 +200,50 @@ class MlflowBackend:
             and mlflow_provider.is_tracing_enabled()  # in memory: never waits
         )
 
-    def start_turn(self, turn: TurnStart) -> Span | None:
-        """Open the turn's root span under ``turn.trace_id``; None before setup or when MLflow does
+    def start_run(self, run: RunStart) -> Span | None:
+        """Open the turn's root span under ``run.trace_id``; None before setup or when MLflow does
         not record the run. Blocking SDK work: the package runs it on its span worker thread."""
         experiment_id = self._experiment_id
         if experiment_id is None:
             return None
-        trace_id = trace_id_or_new(turn.trace_id)
+        trace_id = trace_id_or_new(run.trace_id)
         if self.span_sink is not None:
             if not sampled(trace_id, _sampling_ratio()) or not mlflow_provider.is_tracing_enabled():
                 return None
-            return RecordSpan.open_turn(replace(turn, trace_id=trace_id), (self.span_sink,))
+            return RecordSpan.open_run(replace(run, trace_id=trace_id), (self.span_sink,))
         tags = {
-            "ambient.thread_id": turn.thread_id,
-            "ambient.run_id": turn.run_id,
+            "ambient.thread_id": run.thread_id,
+            "ambient.run_id": run.run_id,
             # The origin runner's trace tags (its session is the AG-UI thread).
-            "ambient.session_id": turn.thread_id,
-            "ambient.user_id": turn.user_id,
-            **context_tags(turn.attributes or {}),
+            "ambient.session_id": run.thread_id,
+            "ambient.user_id": run.user_id,
+            **context_tags(run.attributes or {}),
         }
         metadata = {
-            TraceMetadataKey.TRACE_SESSION: fit_session(turn.thread_id),
-            TraceMetadataKey.TRACE_USER: turn.user_id,
-            "user_name": turn.user_name,
-            **context_metadata(turn.attributes or {}),
+            TraceMetadataKey.TRACE_SESSION: fit_session(run.thread_id),
+            TraceMetadataKey.TRACE_USER: run.user_id,
+            "user_name": run.user_name,
+            **context_metadata(run.attributes or {}),
         }
         attributes = {
-            **fit_conversation(turn.attributes or {}),
-            "ambient.runner_type": turn.runner_type,
-            "ambient.session_id": turn.thread_id,
-            "ambient.user_id": turn.user_id,
-            "ambient.user_name": turn.user_name,
-            "ambient.turn": turn.turn_number,
+            **fit_conversation(run.attributes or {}),
+            "ambient.runner_type": run.runner_type,
+            "ambient.session_id": run.thread_id,
+            "ambient.user_id": run.user_id,
+            "ambient.user_name": run.user_name,
+            "ambient.turn": run.turn_number,
         }
         try:
             with _ChosenTraceIds.next(trace_id):
                 span = mlflow.start_span_no_context(
-                    ROOT_NAME,
+                    run.name,
                     span_type=SpanType.AGENT,
-                    inputs=turn.input,
+                    inputs=run.input,
                     attributes=present(attributes),
                     tags=present(tags),
                     metadata=present(metadata),
                     experiment_id=experiment_id,
-                    start_time_ns=turn.start_time_ns,
+                    start_time_ns=run.start_time_ns,
                 )
         except Exception:
             logger.warning("ambient-tracing: MLflow could not start a turn", exc_info=True)
@@ -269,10 +275,10 @@ class MlflowBackend:
         if self.span_sink is not None:
             trace_id = new_trace_id()
             if self.accepts(trace_id):
-                turn = TurnStart(thread_id, None, user_id, None, runner_type, 0, None, trace_id)
+                run = RunStart(thread_id, None, user_id, None, runner_type, 0, None, trace_id)
                 attributes = dict(metadata) if metadata else None
                 self.span_sink.submit(
-                    standalone_record(trace_id, name, turn, input=input, output=output, attributes=attributes)
+                    standalone_record(trace_id, name, run, input=input, output=output, attributes=attributes)
                 )
             return
         source = (metadata or {}).get("source")
@@ -387,7 +393,7 @@ class MlflowBackend:
         traces = self.client.search_traces(
             locations=[self._experiment_id],
             # Only runs: the thread's Session Metrics traces carry the same tag.
-            filter_string=f"tags.`ambient.thread_id` = '{thread_id}' AND trace.name = '{ROOT_NAME}'",
+            filter_string=f"tags.`ambient.thread_id` = '{thread_id}' AND trace.name = '{RUN_SPAN_NAME}'",
             order_by=["timestamp_ms DESC"],
             max_results=1,
             include_spans=False,
@@ -549,11 +555,11 @@ class _TraceInfoWriter:
         from mlflow.protos.service_pb2 import StartTraceV3
         from mlflow.utils.proto_json_utils import message_to_json
 
-        turn = record.turn
+        run = record.run
         metadata = {
             **self.environment(),
-            TraceMetadataKey.TRACE_SESSION: fit_session(turn.thread_id),
-            TraceMetadataKey.TRACE_USER: turn.user_id,
+            TraceMetadataKey.TRACE_SESSION: fit_session(run.thread_id),
+            TraceMetadataKey.TRACE_USER: run.user_id,
             "mlflow.trace_schema.version": "3",
             **custom_metadata(record),
             TraceMetadataKey.INPUTS: preview(record.input),

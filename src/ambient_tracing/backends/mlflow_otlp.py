@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..otlp import NULL, STATUS_ERROR, STATUS_OK, Scope
-from ..records import SpanRecord
-from .base import SpanKind, TokenUsage
+from ambient_tracing.backends.base import SpanKind, TokenUsage
+from ambient_tracing.backends.otlp import NULL, STATUS_ERROR, STATUS_OK, Scope
+from ambient_tracing.backends.records import SpanRecord
 
 TRACES_PATH = "/v1/traces"
 #: MLflow's limit on a session id (trace metadata): the server refuses the whole trace past it.
@@ -28,7 +28,7 @@ EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 TRACE_ID_PREFIX = "tr-"
 TAG_PREFIX = "mlflow.traceTag."
 SPAN_TYPES = {
-    SpanKind.TURN: "AGENT",
+    SpanKind.RUN: "AGENT",
     SpanKind.TOOL: "TOOL",
     SpanKind.STEP: "CHAIN",
     SpanKind.REASONING: "LLM",
@@ -69,8 +69,8 @@ def context_metadata(attributes: Mapping[str, Any]) -> dict[str, str]:
 def custom_metadata(record: SpanRecord) -> dict[str, str]:
     """A root's trace metadata beyond session, user and previews: workflow_* and user_name."""
     metadata = context_metadata(record.attributes or {})
-    if not record.standalone and record.turn.user_name:
-        metadata["user_name"] = record.turn.user_name
+    if not record.standalone and record.run.user_name:
+        metadata["user_name"] = record.run.user_name
     return metadata
 
 
@@ -148,40 +148,40 @@ class MlflowMapper:
     @staticmethod
     def _trace_level(record: SpanRecord) -> dict[str, Any]:
         """Root span: the turn's attributes, the trace tags, session and user."""
-        turn = record.turn
+        run = record.run
         if record.standalone:
             source = (record.attributes or {}).get("source")
             tags = {
-                "ambient.thread_id": turn.thread_id,
+                "ambient.thread_id": run.thread_id,
                 "ambient.source": source if isinstance(source, str) else None,
-                "ambient.session_id": turn.thread_id,
-                "ambient.user_id": turn.user_id,
+                "ambient.session_id": run.thread_id,
+                "ambient.user_id": run.user_id,
                 **context_tags(record.attributes or {}),
             }
             attributes: dict[str, Any] = {
-                "ambient.runner_type": turn.runner_type,
-                "ambient.session_id": turn.thread_id,
-                "ambient.user_id": turn.user_id,
+                "ambient.runner_type": run.runner_type,
+                "ambient.session_id": run.thread_id,
+                "ambient.user_id": run.user_id,
             }
         else:
             tags = {
-                "ambient.thread_id": turn.thread_id,
-                "ambient.run_id": turn.run_id,
-                "ambient.session_id": turn.thread_id,  # the origin runner's trace tags
-                "ambient.user_id": turn.user_id,
+                "ambient.thread_id": run.thread_id,
+                "ambient.run_id": run.run_id,
+                "ambient.session_id": run.thread_id,  # the origin runner's trace tags
+                "ambient.user_id": run.user_id,
                 **context_tags(record.attributes or {}),
             }
             attributes = {
-                "ambient.runner_type": turn.runner_type,
-                "ambient.session_id": turn.thread_id,
-                "ambient.user_id": turn.user_id,
-                "ambient.user_name": turn.user_name,
-                "ambient.turn": turn.turn_number,
+                "ambient.runner_type": run.runner_type,
+                "ambient.session_id": run.thread_id,
+                "ambient.user_id": run.user_id,
+                "ambient.user_name": run.user_name,
+                "ambient.turn": run.turn_number,
             }
         # Session and user as OTLP ingest reads them, so the trace has them from its first moment
         # (the rest of its metadata follows in one StartTraceV3 call).
-        attributes["session.id"] = fit_session(turn.thread_id) or None
-        attributes["user.id"] = turn.user_id
+        attributes["session.id"] = fit_session(run.thread_id) or None
+        attributes["user.id"] = run.user_id
         tags["mlflow.traceName"] = record.name
         for key, value in tags.items():
             if value is not None:

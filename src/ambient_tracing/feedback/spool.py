@@ -27,20 +27,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ratings import Rating
+from ambient_tracing.backends.rating import Rating
+from ambient_tracing.config import FeedbackLimits
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 LEASE_SECONDS = 300.0
-DEFAULT_MAX_ROWS = 10_000
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-DEFAULT_MAX_SET_ASIDE = 1_000
-#: Ratings whose trace owner is checked only at delivery (a trace no backend holds yet) may take
-#: at most this share of the store: a flood of made-up trace ids cannot lock real ratings out.
-DEFAULT_MAX_UNCHECKED = 1_000
-DEFAULT_MAX_PER_THREAD = 200
-DEFAULT_MAX_PER_CALLER = 200
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _warned: set[Path] = set()  # folders already warned about (once per process)
 
@@ -84,19 +77,6 @@ class TooManyPending(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds of the store. ``max_rows`` / ``max_bytes`` bound the ratings not yet delivered; set-aside
-    ones are kept apart, the newest ``max_set_aside`` rows up to ``max_bytes`` bytes."""
-
-    max_rows: int = DEFAULT_MAX_ROWS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_unchecked: int = DEFAULT_MAX_UNCHECKED
-    max_per_thread: int = DEFAULT_MAX_PER_THREAD
-    max_per_caller: int = DEFAULT_MAX_PER_CALLER
-    max_set_aside: int = DEFAULT_MAX_SET_ASIDE
-
-
-@dataclass(frozen=True, slots=True)
 class Claimed:
     """A delivery this process holds the lease of."""
 
@@ -117,9 +97,9 @@ def owner_id() -> str:
 class RatingStore:
     """One connection to the queue file. Not thread-safe: one per thread."""
 
-    def __init__(self, path: Path, limits: Limits | None = None) -> None:
+    def __init__(self, path: Path, limits: FeedbackLimits | None = None) -> None:
         self.path = path
-        self.limits = limits or Limits()
+        self.limits = limits or FeedbackLimits()
         prepare_location(path)
         self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -28,10 +28,17 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
-from .backends.base import RatingRejected, RatingSink, TraceNotStored
-from .owners import TraceOwners
-from .ratings import Rating
-from .spool import Claimed, Limits, RatingStore, StoreFull, import_old_spools, owner_id
+from ambient_tracing.backends.base import RatingRejected, RatingSink, TraceNotStored
+from ambient_tracing.backends.rating import Rating
+from ambient_tracing.config import FeedbackLimits
+from ambient_tracing.feedback.owners import TraceOwners
+from ambient_tracing.feedback.spool import (
+    Claimed,
+    RatingStore,
+    StoreFull,
+    import_old_spools,
+    owner_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +66,13 @@ class RatingDelivery:
         *,
         owners: TraceOwners | None = None,
         spool: Path,
-        limits: Limits | None = None,
+        limits: FeedbackLimits | None = None,
         trace_wait_seconds: float = DEFAULT_TRACE_WAIT_SECONDS,
         legacy_spools: Sequence[Path] = (),
     ) -> None:
         self.sinks = {sink.name: sink for sink in sinks}
         self.spool = spool
-        self.limits = limits or Limits()
+        self.limits = limits or FeedbackLimits()
         self.trace_wait_seconds = trace_wait_seconds
         self.owners = owners or TraceOwners((), ())
         self._legacy = tuple(legacy_spools)

@@ -6,18 +6,14 @@ status code, the delivery queue stores ratings as JSON, the backends record them
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
-RatingKind = Literal["thumbs_up", "thumbs_down", "correction"]
-KINDS: tuple[RatingKind, ...] = ("thumbs_up", "thumbs_down", "correction")
-#: The score (Langfuse) / assessment (MLflow) names, as the origin runner named its score.
-FEEDBACK_NAME = "user-feedback"
-CORRECTION_NAME = "user-correction"
+from ambient_tracing.backends.rating import KINDS, Rating
+from ambient_tracing.privacy import mask, mask_id
+
 MAX_BODY_BYTES = 256 * 1024
 #: The most one rating takes once stored (its JSON, the caller's identity included): 413 beyond.
 MAX_STORED_BYTES = MAX_BODY_BYTES
@@ -37,71 +33,10 @@ class FeedbackError(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class Rating:
-    """One rating, ready to record. ``trace_id`` is bare 32 hex, None when not known (yet)."""
-
-    kind: RatingKind
-    thread_id: str | None
-    trace_id: str | None
-    user_id: str | None
-    message_id: str | None
-    comment: str | None
-    correction: str | None
-    metadata: dict[str, str] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
-
-    @property
-    def name(self) -> str:
-        """The score / assessment name: thumbs share one, so a changed mind replaces the rating."""
-        return CORRECTION_NAME if self.kind == "correction" else FEEDBACK_NAME
-
-    @property
-    def value(self) -> bool | str:
-        """True/False for thumbs up/down; the corrected answer for a correction."""
-        if self.kind == "correction":
-            return self.correction or ""
-        return self.kind == "thumbs_up"
-
-    @property
-    def key(self) -> str:
-        """Same (trace or session, message, user, name) -> same key: a retry or a second click updates."""
-        target = self.trace_id or f"session:{self.thread_id}"
-        raw = "\x1f".join((target, self.message_id or "", self.user_id or "", self.name))
-        return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-    def with_trace(self, trace_id: str | None) -> Rating:
-        return replace(self, trace_id=trace_id)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
-
-    def check_size(self) -> None:
-        """FeedbackError(413) when the stored rating would be over ``MAX_STORED_BYTES``."""
-        if len(self.to_json().encode("utf-8")) > MAX_STORED_BYTES:
-            raise FeedbackError(413, f"the rating is over {MAX_STORED_BYTES // 1024} KiB once stored")
-
-    @classmethod
-    def from_json(cls, line: str | bytes) -> Rating:
-        """A rating stored by :meth:`to_json`; ValueError (never the text) for anything else."""
-        try:
-            data = json.loads(line)
-        except (ValueError, RecursionError):
-            raise ValueError("not JSON") from None
-        if not isinstance(data, dict) or data.get("kind") not in KINDS:
-            raise ValueError("not a rating")
-        fields = {key: data.get(key) for key in cls.__slots__ if key in data}
-        for key, value in fields.items():
-            wanted = _FIELD_TYPES.get(key, str)
-            if value is not None and not isinstance(value, wanted):
-                raise ValueError(f"rating field {key} has the wrong type")
-        metadata = fields.get("metadata") or {}
-        if not all(isinstance(value, str) for value in metadata.values()):
-            raise ValueError("rating metadata must be text")
-        return cls(**fields)  # type: ignore[arg-type]  # checked just above
-
-
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"metadata": dict, "created_at": (int, float)}
+def check_size(rating: Rating) -> None:
+    """FeedbackError(413) when the stored rating would be over ``MAX_STORED_BYTES``."""
+    if len(rating.to_json().encode("utf-8")) > MAX_STORED_BYTES:
+        raise FeedbackError(413, f"the rating is over {MAX_STORED_BYTES // 1024} KiB once stored")
 
 
 def normalize_trace_id(value: Any) -> str | None:
@@ -222,3 +157,19 @@ def _comment(payload: dict[str, Any]) -> str | None:
         )
         parts.append(f"\nFull Transcript:\n{lines}"[:MAX_TRANSCRIPT_CHARS])
     return "\n".join(parts) if parts else None
+
+
+def masked_rating(rating: Rating) -> Rating:
+    """A rating as the backends get it: its ids as on the traces (digests past the limit, so the
+    thread's trace is still found), its labels masked; its texts (comment, correction) are the
+    user's words to the operators, kept as written."""
+    return replace(
+        rating,
+        thread_id=mask_id(rating.thread_id),
+        user_id=mask_id(rating.user_id),
+        message_id=mask_id(rating.message_id),
+        metadata={
+            key: (mask_id(value) or "") if key in ("user", "messageId") else mask(value)
+            for key, value in rating.metadata.items()
+        },
+    )

@@ -1,9 +1,10 @@
-"""The core: AG-UI events in, trace operations out.
+"""Where each AG-UI event becomes span operations: AG-UI events in, trace operations out.
 
 One :class:`StreamTracer` follows one event stream (an HTTP response or a Python generator), which
 may carry several runs. Events are the raw JSON dicts (camelCase keys), so unknown, legacy and
-malformed events never raise: they are skipped. Nothing here knows HTTP or a vendor SDK; the
-spans it opens come from :class:`~ambient_tracing.observability.Observability`.
+malformed events never raise: they are skipped. Nothing here knows HTTP or a vendor SDK: a run's
+root span comes from :class:`~ambient_tracing.tracer.runs.Runs`, every other span is opened here
+and named here (``tool_<name>``, ``step_<name>``, ``reasoning``, ``subagent_<name>``).
 
 Each event kind has one ``_on_<kind>`` method; :data:`_HANDLERS` maps the wire ``type`` to it.
 """
@@ -15,19 +16,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import NULL_SPAN, Span, SpanKind, TokenUsage
-from .masking import MAX_VISIBLE_CHARS, JsonText
-from .request import RunRequest, last_user_message
-from .tool_signals import failure_reason, tool_failure_reason
+from ambient_tracing.backends.base import NULL_SPAN, Span, SpanKind, TokenUsage
+from ambient_tracing.privacy import MAX_VISIBLE_CHARS, JsonText
+from ambient_tracing.tool_signals import failure_reason, tool_failure_reason
+from ambient_tracing.tracer.request import RunRequest, last_user_message
+from ambient_tracing.tracer.runs import OpenRun, Runs
 
 if TYPE_CHECKING:
-    from .metrics import SessionMetrics
-    from .observability import Observability, Turn
+    from ambient_tracing.session_metrics.metrics import SessionMetrics
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 #: Most child spans (tools, steps, reasoning, subagents) recorded per run; the rest are counted in the
-#: turn's ``ambient.spans_not_recorded`` (a vendor SDK keeps every span of an open trace in memory).
+#: run's ``ambient.spans_not_recorded`` (a vendor SDK keeps every span of an open trace in memory).
 MAX_SPANS_PER_RUN = 1_000
 #: Most characters of assistant text, tool arguments, tool results and reasoning kept per span.
 MAX_TEXT_CHARS = 32_768
@@ -133,8 +134,10 @@ class _Step:
 
 
 @dataclass(slots=True)
-class _Run:
-    turn: Turn
+class _RunState:
+    """What the tracer keeps of the run open on its stream."""
+
+    opened: OpenRun
     root: _Node
     text: _Text
     other_role_messages: set[str] = field(default_factory=set)
@@ -158,19 +161,20 @@ class StreamTracer:
     ends, so nothing stays open.
     """
 
-    __slots__ = ("_observability", "_request", "_run", "_text_limit", "_warned")
+    __slots__ = ("_request", "_run", "_runs", "_text_limit", "_warned")
 
-    def __init__(self, observability: Observability, request: RunRequest) -> None:
-        self._observability = observability
+    def __init__(self, runs: Runs, request: RunRequest) -> None:
+        self._runs = runs
         self._request = request
-        self._run: _Run | None = None
+        self._run: _RunState | None = None
         self._warned = False
-        self._text_limit = MAX_VISIBLE_CHARS + 1 if observability.mask_messages else MAX_TEXT_CHARS
+        # With the mask on, text past its limit is redacted whole: no need to keep more of it.
+        self._text_limit = MAX_VISIBLE_CHARS + 1 if runs.mask_messages else MAX_TEXT_CHARS
 
     @property
     def trace_id(self) -> str | None:
         """The id of the run being traced now, if any."""
-        return self._run.turn.trace_id if self._run else None
+        return self._run.opened.trace_id if self._run else None
 
     def wants(self, kind: str) -> bool:
         """Whether an event of this type can change the trace now; a door may skip parsing it if not."""
@@ -202,28 +206,28 @@ class StreamTracer:
         """Log at most one warning per stream: bad input must not flood the logs."""
         if not self._warned:
             self._warned = True
-            logger.warning("ambient-tracing: " + message, *args)
+            logger.warning(message, *args)
 
-    def _parent(self, run: _Run, event: Event) -> Span:
-        """Where a step or subagent nests: its subagent, else the innermost open step, else the turn."""
+    def _parent(self, run: _RunState, event: Event) -> Span:
+        """Where a step or subagent nests: its subagent, else the innermost open step, else the run's root."""
         subagent = run.subagents.get(_id(event, "subagentRunId"))
         if subagent is not None:
             return subagent
         return run.steps[-1].span if run.steps else run.root
 
-    def _owner(self, run: _Run, event: Event) -> Span:
-        """Where a tool call or reasoning nests: its subagent, else the turn, never a step. Producers
+    def _owner(self, run: _RunState, event: Event) -> Span:
+        """Where a tool call or reasoning nests: its subagent, else the run's root, never a step. Producers
         close steps before the calls made in them end (LangGraph's ``agent`` step ends before the
         result arrives in its ``tools`` step); nested under the step, the step would have to be
         stretched to cover the call. The step open at the start is kept as ``ambient.step``."""
         return run.subagents.get(_id(event, "subagentRunId")) or run.root
 
     @staticmethod
-    def _step_attribute(run: _Run) -> dict[str, str]:
+    def _step_attribute(run: _RunState) -> dict[str, str]:
         return {"ambient.step": run.steps[-1].name} if run.steps else {}
 
-    def _child(self, run: _Run, parent: Span, name: str, kind: SpanKind, **options: Any) -> Span:
-        """A child span, or a NullSpan past the run's span cap (counted, reported on the turn)."""
+    def _child(self, run: _RunState, parent: Span, name: str, kind: SpanKind, **options: Any) -> Span:
+        """A child span, or a NullSpan past the run's span cap (counted, reported on the root)."""
         if run.spans_left <= 0:
             run.spans_dropped += 1
             return NULL_SPAN
@@ -263,12 +267,12 @@ class StreamTracer:
                 step.span.end(error=child_error)
         for subagent in run.subagents.values():
             subagent.end(error=child_error)
-        turn = run.turn
+        opened = run.opened
         models = {entry.model for entry in usage}
         if len(models) > 1:
             # One generation per model, so each backend prices and sums them separately.
             for entry in usage:
-                turn.span.start_child("model_usage", SpanKind.GENERATION).end(
+                opened.span.start_child("model_usage", SpanKind.GENERATION).end(
                     model=entry.model, usage=(entry,)
                 )
             usage = ()
@@ -276,15 +280,15 @@ class StreamTracer:
         if run.spans_dropped:
             attributes["ambient.spans_not_recorded"] = run.spans_dropped
         output = run.text.value()
-        turn.span.end(
+        opened.span.end(
             output=output if output is not None else result,
             error=error,
             model=next(iter(models)) if len(models) == 1 else None,
             usage=usage,
             attributes=attributes,
         )
-        self._observability.turn_ended(turn)
-        self._observability.stream_closed(self)
+        self._runs.ended(opened)
+        self._runs.stream_closed(self)
 
     # -- runs ---------------------------------------------------------------------------------
 
@@ -296,29 +300,27 @@ class StreamTracer:
         user_message = (
             last_user_message(run_input.get("messages")) if isinstance(run_input, Mapping) else None
         )
-        turn = self._observability.open_turn(
+        opened = self._runs.open(
             thread_id=_str(event.get("threadId")) or request.thread_id,
             run_id=_str(event.get("runId")) or request.run_id,
             user_id=request.user_id,
             user_name=request.user_name,
             input=user_message if user_message is not None else request.user_message,
         )
-        if turn is None:
+        if opened is None:
             return None
-        metrics = self._observability.session_metrics(
-            turn.thread_id, request.user_id, request.user_name, turn.context
-        )
-        self._run = _Run(
-            turn=turn,
-            root=_Node(turn.span, None),
+        metrics = self._runs.session_metrics(opened, request.user_id, request.user_name)
+        self._run = _RunState(
+            opened=opened,
+            root=_Node(opened.span, None),
             text=_Text(self._text_limit),
             metrics=metrics,
             spans_left=MAX_SPANS_PER_RUN,
         )
-        self._observability.stream_opened(self)
-        return turn.trace_id
+        self._runs.stream_opened(self)
+        return opened.trace_id
 
-    def _on_run_finished(self, run: _Run, event: Event) -> None:
+    def _on_run_finished(self, run: _RunState, event: Event) -> None:
         outcome = event.get("outcome")
         if run.metrics is not None:
             run.metrics.run_finished(outcome)
@@ -329,7 +331,7 @@ class StreamTracer:
             result=event.get("result"),
         )
 
-    def _result_usage(self, run: _Run, result: Any) -> tuple[TokenUsage, ...]:
+    def _result_usage(self, run: _RunState, result: Any) -> tuple[TokenUsage, ...]:
         """Usage in ``RUN_FINISHED.result.usage``, as the origin runner's Claude adapter reports it:
         Anthropic's counts (``input_tokens`` without the cache counts), possibly cumulative over the
         thread, so only what is new since the thread's last report counts (as the origin counted)."""
@@ -341,7 +343,7 @@ class StreamTracer:
         totals = {key: count for key in _ANTHROPIC_USAGE if (count := _int(raw.get(key))) is not None}
         if not totals:
             return ()
-        new = self._observability.usage_delta(run.turn.thread_id, totals)
+        new = self._runs.usage_delta(run.opened.thread_id, totals)
         cache_read = new.get("cache_read_input_tokens", 0)
         cache_write = new.get("cache_creation_input_tokens", 0)
         return (
@@ -354,7 +356,7 @@ class StreamTracer:
             ),
         )
 
-    def _on_run_error(self, run: _Run, event: Event) -> None:
+    def _on_run_error(self, run: _RunState, event: Event) -> None:
         message = _str(event.get("message")) or "RUN_ERROR"
         code = _str(event.get("code"))
         error = f"{code}: {message}" if code else message
@@ -364,22 +366,22 @@ class StreamTracer:
 
     # -- text -----------------------------------------------------------------------------------
 
-    def _on_text_start(self, run: _Run, event: Event) -> None:
+    def _on_text_start(self, run: _RunState, event: Event) -> None:
         role = event.get("role")
         if role is not None and role != "assistant":
             run.other_role_messages.add(_id(event, "messageId"))
 
-    def _on_text_content(self, run: _Run, event: Event) -> None:
+    def _on_text_content(self, run: _RunState, event: Event) -> None:
         if _id(event, "messageId") not in run.other_role_messages:
             run.text.add(event.get("delta"))
 
-    def _on_text_chunk(self, run: _Run, event: Event) -> None:
+    def _on_text_chunk(self, run: _RunState, event: Event) -> None:
         self._on_text_start(run, event)
         self._on_text_content(run, event)
 
     # -- tool calls -----------------------------------------------------------------------------
 
-    def _on_tool_start(self, run: _Run, event: Event) -> None:
+    def _on_tool_start(self, run: _RunState, event: Event) -> None:
         call_id = _id(event, "toolCallId")
         name = _str(event.get("toolCallName")) or "unknown"
         if not call_id or call_id in run.tools:
@@ -404,14 +406,14 @@ class StreamTracer:
         if run.metrics is not None:
             run.metrics.tool_started(call_id, name)
 
-    def _on_tool_args(self, run: _Run, event: Event) -> None:
+    def _on_tool_args(self, run: _RunState, event: Event) -> None:
         call = run.tools.get(_id(event, "toolCallId"))
         if call is None:
             self.warn("TOOL_CALL_ARGS for an unknown tool call %r", _id(event, "toolCallId"))
             return
         call.arguments.add(event.get("delta"))
 
-    def _on_tool_end(self, run: _Run, event: Event) -> None:
+    def _on_tool_end(self, run: _RunState, event: Event) -> None:
         call = run.tools.get(_id(event, "toolCallId"))
         if call is None:
             return
@@ -424,13 +426,13 @@ class StreamTracer:
             if run.metrics is not None:
                 run.metrics.tool_result(_id(event, "toolCallId"), call.failure)
 
-    def _on_tool_chunk(self, run: _Run, event: Event) -> None:
+    def _on_tool_chunk(self, run: _RunState, event: Event) -> None:
         if _id(event, "toolCallId") not in run.tools and event.get("toolCallName"):
             self._on_tool_start(run, event)
         if event.get("delta") is not None:
             self._on_tool_args(run, event)
 
-    def _on_tool_result(self, run: _Run, event: Event) -> None:
+    def _on_tool_result(self, run: _RunState, event: Event) -> None:
         call_id = _id(event, "toolCallId")
         call = run.tools.pop(call_id, None)
         failure = tool_failure_reason(event)
@@ -461,13 +463,13 @@ class StreamTracer:
 
     # -- steps, reasoning, subagents ------------------------------------------------------------
 
-    def _on_step_started(self, run: _Run, event: Event) -> None:
+    def _on_step_started(self, run: _RunState, event: Event) -> None:
         name = _str(event.get("stepName")) or "unnamed"
         step = _Step(name, self._child(run, self._parent(run, event), f"step_{name}", SpanKind.STEP))
         run.steps.append(step)
         run.steps_by_name.setdefault(name, []).append(step)
 
-    def _on_step_finished(self, run: _Run, event: Event) -> None:
+    def _on_step_finished(self, run: _RunState, event: Event) -> None:
         name = _str(event.get("stepName")) or "unnamed"
         same_name = run.steps_by_name.get(name)
         if not same_name:
@@ -482,7 +484,7 @@ class StreamTracer:
         while steps and not steps[-1].open:  # each step is popped once: constant time per event
             steps.pop()
 
-    def _open_reasoning(self, run: _Run, event: Event, *, implicit: bool) -> _Reasoning:
+    def _open_reasoning(self, run: _RunState, event: Event, *, implicit: bool) -> _Reasoning:
         reasoning = _Reasoning(
             span=self._child(
                 run,
@@ -497,32 +499,32 @@ class StreamTracer:
         run.reasoning.append(reasoning)
         return reasoning
 
-    def _end_reasoning(self, run: _Run) -> None:
+    def _end_reasoning(self, run: _RunState) -> None:
         reasoning = run.reasoning.pop()
         reasoning.span.end(output=reasoning.text.value())
 
-    def _on_reasoning_start(self, run: _Run, event: Event) -> None:
+    def _on_reasoning_start(self, run: _RunState, event: Event) -> None:
         self._open_reasoning(run, event, implicit=False)
 
-    def _on_reasoning_end(self, run: _Run, event: Event) -> None:
+    def _on_reasoning_end(self, run: _RunState, event: Event) -> None:
         if run.reasoning:
             self._end_reasoning(run)
 
-    def _on_reasoning_message_start(self, run: _Run, event: Event) -> None:
+    def _on_reasoning_message_start(self, run: _RunState, event: Event) -> None:
         if not run.reasoning:
             self._open_reasoning(run, event, implicit=True)
 
-    def _on_reasoning_content(self, run: _Run, event: Event) -> None:
+    def _on_reasoning_content(self, run: _RunState, event: Event) -> None:
         stack = run.reasoning
         reasoning = stack[-1] if stack else self._open_reasoning(run, event, implicit=True)
         reasoning.text.add(event.get("delta"))
 
-    def _on_reasoning_message_end(self, run: _Run, event: Event) -> None:
+    def _on_reasoning_message_end(self, run: _RunState, event: Event) -> None:
         stack = run.reasoning
         if stack and stack[-1].implicit:
             self._end_reasoning(run)
 
-    def _on_subagent_started(self, run: _Run, event: Event) -> None:
+    def _on_subagent_started(self, run: _RunState, event: Event) -> None:
         subagent_id = _id(event, "subagentRunId")
         if not subagent_id or subagent_id in run.subagents:
             self.warn("SUBAGENT_STARTED without a subagentRunId, or for one already open: %r", subagent_id)
@@ -538,7 +540,7 @@ class StreamTracer:
             attributes={"gen_ai.agent.name": name, "ambient.subagent_run_id": subagent_id},
         )
 
-    def _on_subagent_finished(self, run: _Run, event: Event) -> None:
+    def _on_subagent_finished(self, run: _RunState, event: Event) -> None:
         span = run.subagents.pop(_id(event, "subagentRunId"), None)
         if span is not None:
             outcome = event.get("outcome")
@@ -547,13 +549,13 @@ class StreamTracer:
                 attributes={"ambient.outcome": outcome.get("type")} if isinstance(outcome, Mapping) else None,
             )
 
-    def _on_subagent_error(self, run: _Run, event: Event) -> None:
+    def _on_subagent_error(self, run: _RunState, event: Event) -> None:
         span = run.subagents.pop(_id(event, "subagentRunId"), None)
         if span is not None:
             span.end(error=_str(event.get("message")) or "SUBAGENT_ERROR")
 
 
-_Handler = Callable[[StreamTracer, _Run, Event], None]
+_Handler = Callable[[StreamTracer, _RunState, Event], None]
 
 _HANDLERS: dict[str, _Handler] = {
     "RUN_FINISHED": StreamTracer._on_run_finished,

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from .backends.base import TraceFinder, TraceOwner
+from ambient_tracing.backends.base import TraceFinder, TraceOwner
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .backends.base import Span, SpanKind, TokenUsage
+from ambient_tracing.backends.base import Span, SpanKind, TokenUsage
 
 logger = logging.getLogger("ambient_tracing")
 _warned_backends: set[str] = set()

@@ -15,10 +15,10 @@ from typing import Any, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .core import StreamTracer
-from .observability import Observability
-from .request_body import RequestBody
-from .sse import SseScanner
+from ambient_tracing.doors.request_body import RequestBody
+from ambient_tracing.doors.sse import SseScanner
+from ambient_tracing.observability import Observability
+from ambient_tracing.tracer.handlers import StreamTracer
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -152,7 +152,7 @@ class RunResponder:
 
     async def _send_traced(self, message: Message) -> None:
         """Forward one body chunk and trace its events after their bytes are out. Only a run's
-        opening waits for tracing: its bytes go out, then the turn opens, then its id frame."""
+        opening waits for tracing: its bytes go out, then the run opens, then its id frame."""
         self._skip = None
         body: bytes = message.get("body", b"")
         more_body: bool = message.get("more_body", False)
@@ -279,7 +279,7 @@ class RunResponder:
         if tracer is None:
             user_id, user_name = self._user(self._scope)
             request = self._body.finish().with_user(user_id, user_name)
-            tracer = self._tracer = StreamTracer(self._observability, request)
+            tracer = self._tracer = StreamTracer(self._observability.runs, request)
         return tracer
 
     def _stop_tracing(self, exc: Exception) -> None:

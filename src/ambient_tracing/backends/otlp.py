@@ -1,4 +1,4 @@
-"""OTLP/HTTP protobuf export of :class:`~ambient_tracing.records.SpanRecord`: encoder and exporter.
+"""OTLP/HTTP protobuf export of :class:`~ambient_tracing.backends.records.SpanRecord`: encoder and exporter.
 
 A destination is an :class:`OtlpExporter` (endpoint, headers) plus a :class:`SpanMapper` that says
 what a record becomes there (attributes, status, resource, scope): Langfuse and an MLflow tracking
@@ -29,8 +29,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from .masking import outgoing_record
-from .records import SpanRecord
+from ambient_tracing.backends.records import SpanRecord, outgoing_record
 
 logger = logging.getLogger(__name__)
 

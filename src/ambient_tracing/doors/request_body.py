@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .request import RunRequest
+from ambient_tracing.tracer.request import RunRequest
 
 #: Request bodies larger than this are not kept for tracing (the app still reads all of them).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024

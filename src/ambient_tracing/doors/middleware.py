@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .context import inside_middleware, tracing_request
-from .feedback import Authorize, feedback_endpoint
-from .observability import Observability
-from .responder import RunResponder
+from ambient_tracing.doors.feedback_route import Authorize, feedback_endpoint
+from ambient_tracing.doors.nesting import inside_middleware, tracing_request
+from ambient_tracing.doors.responder import RunResponder
+from ambient_tracing.observability import Observability
 
 logger = logging.getLogger("ambient_tracing")
 

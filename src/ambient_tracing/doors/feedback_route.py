@@ -21,9 +21,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
-from .observability import Observability
-from .ratings import MAX_BODY_BYTES, FeedbackError, Rating, decode_body, rating_from
-from .spool import StoreFull, TooManyPending
+from ambient_tracing.backends.rating import Rating
+from ambient_tracing.feedback.ratings import (
+    MAX_BODY_BYTES,
+    FeedbackError,
+    check_size,
+    decode_body,
+    rating_from,
+)
+from ambient_tracing.feedback.spool import StoreFull, TooManyPending
+from ambient_tracing.observability import Observability
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +100,7 @@ async def _handle(
     data = decode_body(await _read_body(request))
     rating = _as_caller(rating_from(data), resolve_user(request.scope)[0], allow_anonymous)
     rating, checked = await _resolve(observability, request, rating, authorize)
-    rating.check_size()
+    check_size(rating)
     accepted: list[str] = []
     if observability.enabled:
         future = observability.submit_rating(rating, caller=rating.user_id, check_owner=not checked)

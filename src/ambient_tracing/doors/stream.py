@@ -12,11 +12,11 @@ from typing import Any
 from ag_ui.core import BaseEvent, CustomEvent, EventType
 from pydantic import BaseModel
 
-from .context import request_traced
-from .core import StreamTracer
-from .observability import Observability
-from .request import RunRequest
-from .responder import TRACE_ID_EVENT_NAME
+from ambient_tracing.doors.nesting import request_traced
+from ambient_tracing.doors.responder import TRACE_ID_EVENT_NAME
+from ambient_tracing.observability import Observability
+from ambient_tracing.tracer.handlers import StreamTracer
+from ambient_tracing.tracer.request import RunRequest
 
 
 async def trace_agui_stream(
@@ -43,7 +43,7 @@ async def trace_agui_stream(
             await _close(events)
             raise
         return
-    tracer = StreamTracer(observability, RunRequest.from_input(run_input).with_user(user_id, user_name))
+    tracer = StreamTracer(observability.runs, RunRequest.from_input(run_input).with_user(user_id, user_name))
     try:
         async for event in events:
             try:

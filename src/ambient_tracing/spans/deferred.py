@@ -4,8 +4,8 @@ A vendor SDK spends 0.1-0.3 ms of CPU per span call (attribute encoding, process
 in-memory trace): on the event loop that is 5-10 us per AG-UI event at one tool call per 50 events.
 A :class:`DeferredSpan` records each call with the time it happened and hands it to one worker
 thread, which replays the calls in order with those times (``start_time_ns`` / ``end_time_ns``),
-so the spans are the same, just built a moment later. Opening the turn is queued too
-(:func:`open_deferred_turn`): the package chose the trace id, so nothing on the event loop waits on
+so the spans are the same, just built a moment later. Opening the run is queued too
+(:func:`open_deferred_run`): the package chose the trace id, so nothing on the event loop waits on
 an SDK. A hanging SDK call holds up only this thread; the loop keeps streaming, and once the backlog
 passes :data:`MAX_BACKLOG` new runs skip the deferred backends until it drains.
 
@@ -21,12 +21,13 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .backends.base import Span, SpanKind, TokenUsage, TracingBackend, TurnStart
-from .fanout import FanoutSpan
-from .masking import OutgoingSpan
+from ambient_tracing.backends.base import RunStart, Span, SpanKind, TokenUsage, TracingBackend
+from ambient_tracing.spans.fanout import FanoutSpan
+from ambient_tracing.spans.outgoing import OutgoingSpan
 
 logger = logging.getLogger("ambient_tracing")
 
@@ -34,6 +35,16 @@ MAX_BACKLOG = 20_000
 
 Call = Callable[[], None]
 _STOP = threading.Event()  # a sentinel: the worker thread ends when it reaches it
+
+
+_workers: weakref.WeakSet[SpanWorker] = weakref.WeakSet()
+
+
+def drain_span_workers(timeout: float) -> bool:
+    """Blocking: wait until every span worker of the process has run the calls queued so far (for
+    tests, see :mod:`ambient_tracing.testing`); False when one did not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    return all(worker.drain(max(deadline - time.monotonic(), 0.0)) for worker in list(_workers))
 
 
 class SpanWorker:
@@ -46,6 +57,7 @@ class SpanWorker:
         self._lock = threading.Lock()
         self._warned = False
         self._closed = False
+        _workers.add(self)
 
     @property
     def overloaded(self) -> bool:
@@ -168,27 +180,25 @@ class DeferredSpan:
         self._worker.submit(end)
 
 
-def open_deferred_turn(
-    worker: SpanWorker, backends: Sequence[TracingBackend], turn: TurnStart
-) -> DeferredSpan:
-    """The turn's root in ``backends``, opened on the worker under ``turn.trace_id`` (already set).
+def open_deferred_run(worker: SpanWorker, backends: Sequence[TracingBackend], run: RunStart) -> DeferredSpan:
+    """The turn's root in ``backends``, opened on the worker under ``run.trace_id`` (already set).
     What the spans get is prepared there too, on the worker (see masking.OutgoingSpan)."""
-    assert turn.trace_id is not None
-    root = DeferredSpan(worker, turn.trace_id)
+    assert run.trace_id is not None
+    root = DeferredSpan(worker, run.trace_id)
 
     def start() -> None:
-        spans = [span for backend in backends if (span := _start_turn(backend, turn)) is not None]
+        spans = [span for backend in backends if (span := _start_run(backend, run)) is not None]
         if spans:
             fanout = FanoutSpan(spans, root.trace_id)
-            root._span = OutgoingSpan(fanout, turn.masked)
+            root._span = OutgoingSpan(fanout, run.masked)
 
     worker.submit(start)
     return root
 
 
-def _start_turn(backend: TracingBackend, turn: TurnStart) -> Span | None:
+def _start_run(backend: TracingBackend, run: RunStart) -> Span | None:
     try:
-        return backend.start_turn(turn)
+        return backend.start_run(run)
     except Exception as exc:  # a backend must never break the app
-        logger.warning("ambient-tracing: %s could not start a turn: %r", backend.name, exc)
+        logger.warning("ambient-tracing: %s could not start a run: %r", backend.name, exc)
         return None

@@ -9,15 +9,24 @@ every destination of a run, so the spans are built once.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
 
-from .backends.base import SpanKind, TokenUsage, TurnStart
-
-ROOT_NAME = "llm_interaction"
+from ambient_tracing.backends.base import RunStart, SpanKind, SpanSink, TokenUsage
+from ambient_tracing.privacy import (
+    MAX_VISIBLE_CHARS,
+    JsonText,
+    decoded,
+    mask,
+    mask_attributes,
+    mask_name,
+    mask_text,
+)
 
 _span_ids = random.Random(os.urandom(16))
 os.register_at_fork(after_in_child=lambda: _span_ids.seed(os.urandom(16)))
@@ -30,9 +39,9 @@ def _new_span_id() -> int:
 class SpanRecord:
     """One span: who it is, when, what went in and came out. Read by exporters once ended.
 
-    ``turn`` is the run's :class:`TurnStart` (trace-level facts: session, user, tags), shared by all
+    ``run`` is the run's :class:`RunStart` (trace-level facts: session, user, tags), shared by all
     spans of the run. ``standalone`` marks a finished span recorded as its own trace
-    (``record_span``, e.g. Session Metrics) rather than a run's turn.
+    (``record_span``, e.g. Session Metrics) rather than a span of a run.
     """
 
     __slots__ = (
@@ -47,11 +56,11 @@ class SpanRecord:
         "name",
         "output",
         "parent_id",
+        "run",
         "span_id",
         "standalone",
         "start_ns",
         "trace_id",
-        "turn",
         "usage",
     )
 
@@ -61,7 +70,7 @@ class SpanRecord:
         parent_id: int | None,
         name: str,
         kind: SpanKind,
-        turn: TurnStart,
+        run: RunStart,
         *,
         input: Any = None,
         attributes: Mapping[str, Any] | None = None,
@@ -73,7 +82,7 @@ class SpanRecord:
         self.parent_id = parent_id
         self.name = name
         self.kind = kind
-        self.turn = turn
+        self.run = run
         self.input = input
         self.input_set = False  # set_input was called (MLflow's SDK then stores even None)
         self.attributes = attributes
@@ -87,12 +96,6 @@ class SpanRecord:
         self.standalone = standalone
 
 
-class SpanSink(Protocol):
-    """Takes ended spans; must never block (called on the event loop)."""
-
-    def submit(self, record: SpanRecord) -> None: ...
-
-
 class RecordSpan:
     """Implements :class:`~ambient_tracing.backends.base.Span` with a :class:`SpanRecord`."""
 
@@ -104,18 +107,18 @@ class RecordSpan:
         self._ended = False
 
     @classmethod
-    def open_turn(cls, turn: TurnStart, sinks: Sequence[SpanSink]) -> RecordSpan:
-        """The run's root span, under ``turn.trace_id`` (which must be set)."""
-        assert turn.trace_id is not None
+    def open_run(cls, run: RunStart, sinks: Sequence[SpanSink]) -> RecordSpan:
+        """The run's root span, under ``run.trace_id`` (which must be set)."""
+        assert run.trace_id is not None
         record = SpanRecord(
-            turn.trace_id,
+            run.trace_id,
             None,
-            ROOT_NAME,
-            SpanKind.TURN,
-            turn,
-            input=turn.input,
-            attributes=turn.attributes,
-            start_ns=turn.start_time_ns,
+            run.name,
+            SpanKind.RUN,
+            run,
+            input=run.input,
+            attributes=run.attributes,
+            start_ns=run.start_time_ns,
         )
         return cls(record, sinks)
 
@@ -142,7 +145,7 @@ class RecordSpan:
             parent.span_id,
             name,
             kind,
-            parent.turn,
+            parent.run,
             input=input,
             attributes=attributes,
             start_ns=start_time_ns,
@@ -182,7 +185,7 @@ class RecordSpan:
 def standalone_record(
     trace_id: str,
     name: str,
-    turn: TurnStart,
+    run: RunStart,
     *,
     input: Any = None,
     output: Any,
@@ -190,8 +193,40 @@ def standalone_record(
 ) -> SpanRecord:
     """A finished span that is its own trace (``record_span``): started and ended now."""
     record = SpanRecord(
-        trace_id, None, name, SpanKind.STEP, turn, input=input, attributes=attributes, standalone=True
+        trace_id, None, name, SpanKind.STEP, run, input=input, attributes=attributes, standalone=True
     )
     record.output = output
     record.end_ns = record.start_ns
     return record
+
+
+def outgoing_record(record: SpanRecord) -> SpanRecord:
+    """An ended span record as it leaves the process: its :class:`JsonText` decoded and, when its
+    run is masked, everything the core passed masked (its RunStart already is). A copy when
+    anything changes; run on an exporter's thread."""
+    if not record.run.masked:
+        if type(record.input) is not JsonText and type(record.output) is not JsonText:
+            return record
+        plain = copy.copy(record)
+        plain.input, plain.output = decoded(record.input), decoded(record.output)
+        return plain
+    masked = copy.copy(record)
+    masked.name = mask_name(record.name)
+    masked.input = mask(decoded(record.input))
+    masked.attributes = mask_attributes(record.attributes)
+    masked.output = mask(decoded(record.output))
+    masked.error = mask_text(record.error)
+    masked.model = mask(record.model)
+    masked.usage = mask_usage(record.usage)
+    masked.end_attributes = mask_attributes(record.end_attributes)
+    return masked
+
+
+def mask_usage(usage: Sequence[TokenUsage]) -> Sequence[TokenUsage]:
+    if all(_short(entry.model) and _short(entry.provider) for entry in usage):
+        return usage
+    return tuple(replace(entry, model=mask(entry.model), provider=mask(entry.provider)) for entry in usage)
+
+
+def _short(text: str | None) -> bool:
+    return text is None or len(text) <= MAX_VISIBLE_CHARS

@@ -30,12 +30,13 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import TokenUsage
-from .emitter import Emitter
-from .masking import mask as mask_value
-from .masking import mask_id
-from .pricing import ModelPrice, Pricing, TokenCounts
-from .tool_signals import (
+from ambient_tracing.backends.base import TokenUsage
+from ambient_tracing.config import DEFAULT_SESSION_IDLE_SECONDS, UNKNOWN
+from ambient_tracing.privacy import mask as mask_value
+from ambient_tracing.privacy import mask_id
+from ambient_tracing.session_metrics.emitter import Emitter
+from ambient_tracing.session_metrics.pricing import ModelPrice, Pricing, TokenCounts
+from ambient_tracing.tool_signals import (
     DEFAULT_CLARIFICATION_NAMES,
     ToolCategoriser,
     default_tool_category,
@@ -45,15 +46,13 @@ from .tool_signals import (
 )
 
 if TYPE_CHECKING:
-    from .backends.base import TracingBackend
+    from ambient_tracing.backends.base import TracingBackend
 
 logger = logging.getLogger("ambient_tracing")
 
 SPAN_NAME = "Session Metrics"
 SOURCE = "ambient-runner-metrics"
-DEFAULT_SESSION_IDLE_SECONDS = 900.0
 #: The origin runner's value for a namespace or workflow name it does not know.
-UNKNOWN = "unknown"
 RUN_CATEGORY = "run"  # failures of a RUN_ERROR with no tool call open
 #: Threads examined per timer tick: the sweep's cost on the loop does not grow with their number.
 MAX_SWEEP_PER_TICK = 64
@@ -322,7 +321,7 @@ class SessionReporter:
     Idle threads are reported from a ``loop.call_later`` timer (re-armed only while some thread has
     unreported activity) and, without a running loop, when a run starts; a tick looks at no more than
     :data:`MAX_SWEEP_PER_TICK` threads. The loop only takes each thread's counts; masking them and the
-    backends' span calls run on the reporter's own thread (:class:`~ambient_tracing.emitter.Emitter`).
+    backends' span calls run on the reporter's own thread (:class:`.emitter.Emitter`).
     """
 
     def __init__(

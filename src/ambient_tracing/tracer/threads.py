@@ -1,4 +1,4 @@
-"""Per-thread trace ids: which turn is open now and which ran last, bounded in size and age."""
+"""Per-thread trace ids: which runs are open now and which ran last, bounded in size and age."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ DEFAULT_IDLE_SECONDS = 6 * 3600.0
 
 @dataclass(slots=True)
 class _Thread:
-    # The thread's open turns, oldest first (runs of one thread may overlap).
+    # The thread's open runs, oldest first (runs of one thread may overlap).
     open: dict[str, None] = field(default_factory=dict)
     last: str | None = None
     turns: int = 0
@@ -26,7 +26,7 @@ class ThreadRegistry:
     """Trace ids by AG-UI thread id.
 
     Threads are kept in least-recently-used order; the oldest are dropped past ``max_threads`` or
-    after ``idle_seconds`` without a turn, so a long-lived server stays bounded.
+    after ``idle_seconds`` without a run, so a long-lived server stays bounded.
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class ThreadRegistry:
     def __len__(self) -> int:
         return len(self._threads)
 
-    def turn_started(self, thread_id: str, trace_id: str) -> None:
+    def run_started(self, thread_id: str, trace_id: str) -> None:
         thread = self._touch(thread_id)
         thread.open[trace_id] = None
         thread.last = trace_id
@@ -61,7 +61,7 @@ class ThreadRegistry:
         thread.turns += 1
         return thread.turns
 
-    def turn_ended(self, thread_id: str, trace_id: str) -> None:
+    def run_ended(self, thread_id: str, trace_id: str) -> None:
         thread = self._touch(thread_id)
         thread.open.pop(trace_id, None)
         if thread.last is None:

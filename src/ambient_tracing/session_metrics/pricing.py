@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .backends.base import TokenUsage
+from ambient_tracing.backends.base import TokenUsage
 
 #: Longest model name that is priced; real ones are well under 100 characters.
 MAX_MODEL_NAME_CHARS = 256

@@ -1,0 +1,108 @@
+"""The runner's privacy mask (``LANGFUSE_MASK_MESSAGES``): pure functions on values.
+
+With the mask on, no string longer than 50 characters that came from the user, the model, a tool
+or an error reaches a backend: not in inputs, outputs, status messages, attributes, metadata, tags,
+span names, dict keys, nor the Session Metrics. Ids longer than the limit become a digest
+(``masked-<16 hex>``), the same for the same id, so sessions and users still group; shorter strings
+(ids, names, labels, "ok") stay. Where it is applied, off the event loop: a run's spans by
+:class:`~ambient_tracing.spans.outgoing.OutgoingSpan` (span worker) and
+:func:`~ambient_tracing.backends.records.outgoing_record` (exporter threads); ratings by
+:func:`~ambient_tracing.feedback.ratings.masked_rating`; Session Metrics on their reporter's thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+REDACTED = "[REDACTED FOR PRIVACY]"
+# Strings up to this length (ids, short labels, "ok") stay readable; longer ones are content.
+MAX_VISIBLE_CHARS = 50
+# Deeper than this, a value is redacted whole (JSON from the wire may nest thousands deep).
+_MAX_DEPTH = 64
+_SCALARS = (int, float, bool, type(None))
+
+
+class JsonText(str):
+    """Tool arguments or a tool result as the wire gave them. Whether it is JSON is found out, and
+    the JSON decoded, only where the span is built or encoded, off the event loop (:func:`decoded`)."""
+
+    __slots__ = ()
+
+
+def decoded(value: Any) -> Any:
+    """A :class:`JsonText` as its JSON value when it is JSON, else as plain text; anything else as is."""
+    if type(value) is not JsonText:
+        return value
+    text = str(value)
+    if text[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
+
+
+def mask(value: Any, _depth: int = 0) -> Any:
+    """Every string longer than 50 characters, at any depth and in dict keys, as ``[REDACTED FOR
+    PRIVACY]``; numbers, booleans and None kept; anything else (or nested too deep) redacted."""
+    if isinstance(value, str):
+        return REDACTED if len(value) > MAX_VISIBLE_CHARS else value
+    if isinstance(value, _SCALARS):
+        return value
+    if _depth >= _MAX_DEPTH:
+        return REDACTED
+    if isinstance(value, Mapping):
+        masked: dict[Any, Any] = {}
+        for key, item in value.items():
+            masked[_free_key(masked, mask(key, _depth + 1))] = mask(item, _depth + 1)
+        return masked
+    if isinstance(value, (list, tuple)):
+        return [mask(item, _depth + 1) for item in value]
+    return REDACTED
+
+
+def _free_key(masked: Mapping[Any, Any], key: Any) -> Any:
+    """``key``, numbered when two long keys were both redacted (neither value is lost)."""
+    if key != REDACTED or key not in masked:
+        return key
+    number = 2
+    while f"{REDACTED} {number}" in masked:
+        number += 1
+    return f"{REDACTED} {number}"
+
+
+def mask_text(text: str | None) -> str | None:
+    """A status or error message: a long one keeps a short ``head: `` (an exception type, an error
+    code, "run ended") and loses the rest."""
+    if text is None or len(text) <= MAX_VISIBLE_CHARS:
+        return text
+    head, separator, _ = text.partition(": ")
+    return f"{head}: {REDACTED}" if separator and len(head) <= MAX_VISIBLE_CHARS - 2 else REDACTED
+
+
+def mask_id(value: str | None) -> str | None:
+    """An id: kept up to the limit, else a digest that is the same for the same id."""
+    if value is None or len(value) <= MAX_VISIBLE_CHARS:
+        return value
+    return "masked-" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def mask_name(name: str) -> str:
+    """A span name built from a wire string (``tool_<name>``): its prefix kept, the rest redacted."""
+    if len(name) <= MAX_VISIBLE_CHARS:
+        return name
+    prefix, separator, _ = name.partition("_")
+    return f"{prefix}_{REDACTED}" if separator and len(prefix) <= 16 else REDACTED
+
+
+def mask_attributes(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if not attributes:
+        return attributes
+    masked: dict[str, Any] = mask(attributes)
+    conversation = attributes.get("gen_ai.conversation.id")
+    if isinstance(conversation, str):
+        masked["gen_ai.conversation.id"] = mask_id(conversation)  # the session's id, as a digest
+    return masked
