@@ -170,6 +170,10 @@ class TimedBackend:
         self._backend = backend
         self.name = backend.name
         self.samples: dict[str, list[float]] = {}
+        self.span_sink = None  # every call through the span worker, timed there
+
+    def accepts(self, trace_id: str) -> bool:
+        return self._backend.accepts(trace_id)
 
     def setup(self) -> None:
         self._backend.setup()

@@ -51,6 +51,10 @@ class NullBackend:
     """``mw-null``: a backend whose spans cost nothing (the middleware's parse/scan cost alone)."""
 
     name = "null"
+    span_sink = None
+
+    def accepts(self, trace_id: str) -> bool:
+        return True
 
     def setup(self) -> None:
         pass

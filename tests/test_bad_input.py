@@ -21,12 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from ambient_tracing import RunStart, SpanKind
-from ambient_tracing import sse as sse_module
+from ambient_tracing.backends.base import RunStart, SpanKind
+from ambient_tracing.doors import sse as sse_module
+from ambient_tracing.testing import RecordedSpan
 from ambient_tracing.tracer.handlers import MAX_TEXT_CHARS, TRUNCATED
 from tests.support.agui_app import run_input
 from tests.support.pair import Fetched, Pair, ends_of, fetch, run_events, serve_pair, sse, strip_ids
-from tests.support.recording_backend import RecordedSpan
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,7 +38,9 @@ def pair() -> Iterator[Pair]:
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "ambient_tracing" and r.levelno >= logging.WARNING]
+    return [
+        r for r in caplog.records if r.name.startswith("ambient_tracing") and r.levelno >= logging.WARNING
+    ]
 
 
 async def check(
@@ -65,7 +67,7 @@ async def check(
     assert plain.raw == b"".join(chunks)
     stripped, ids = strip_ids(response.raw)
     assert stripped == plain.raw
-    turns = pair.turns(thread)
+    turns = pair.runs(thread)
     assert len(turns) == (runs if traced else 0)
     assert [trace_id for _, trace_id in ids] == [turn.trace_id for turn in turns]
     assert [position for position, _ in ids] == (ends_of(plain.raw, "RUN_STARTED") if traced else [])
@@ -105,7 +107,7 @@ async def test_request_body_not_json(pair: Pair, caplog: pytest.LogCaptureFixtur
     _, [turn] = await check(
         pair, caplog, text_run("t-nojson", "hi"), thread="t-nojson", body=b"\xff{not json"
     )
-    assert turn.turn is not None and turn.turn.run_id == "r"  # from RUN_STARTED
+    assert turn.run is not None and turn.run.run_id == "r"  # from RUN_STARTED
     assert turn.input is None and turn.output == "hi" and turn.error is None
 
 
@@ -225,7 +227,7 @@ async def test_frames_split_in_two_at_every_position(pair: Pair, caplog: pytest.
             stripped, ids = strip_ids(response.raw)
             assert stripped == stream, path
             assert [position for position, _ in ids] == [run_started_end], path
-    turns = pair.turns("t-split")
+    turns = pair.runs("t-split")
     assert len(turns) == len(paths)
     assert all(turn.output == UTF8_TEXT and turn.error is None and turn.ended == 1 for turn in turns)
     assert not warnings_of(caplog)
@@ -431,8 +433,8 @@ async def test_ids_and_fields_of_wrong_json_types(pair: Pair, caplog: pytest.Log
         thread="t-types",
         body=json.dumps(run_input("t-types", "r-body")).encode(),
     )
-    assert turn.turn is not None
-    assert (turn.turn.thread_id, turn.turn.run_id) == ("t-types", "r-body")  # from the body
+    assert turn.run is not None
+    assert (turn.run.thread_id, turn.run.run_id) == ("t-types", "r-body")  # from the body
     assert turn.output == "ok" and turn.error is None and turn.usage == ()
     assert {child.name for child in turn.walk()} >= {"step_unnamed", "reasoning", "subagent_unnamed"}
 
@@ -455,9 +457,15 @@ class RaisingSpan:
 
 class BrokenBackend:
     name = "broken"
+    span_sink = None
 
     def __init__(self, *, turns: bool) -> None:
         self._turns = turns
+
+    def accepts(self, trace_id: str) -> bool:
+        if not self._turns:
+            raise RuntimeError("accepts is broken")
+        return True
 
     def setup(self) -> None:
         raise RuntimeError("setup is broken")
@@ -510,5 +518,5 @@ async def test_only_a_raising_backend(caplog: pytest.LogCaptureFixture) -> None:
         )
         assert b"ambient:trace_id" not in traced.raw
         assert {record.getMessage() for record in warnings_of(caplog)} == {
-            "ambient-tracing: broken could not start a turn: RuntimeError('start_run is broken')"
+            "broken could not tell whether it records a run: RuntimeError('accepts is broken')"
         }

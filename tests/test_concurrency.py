@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input
 from tests.support.pydantic_agent import (
     answer_text,
@@ -23,7 +24,6 @@ from tests.support.pydantic_agent import (
     weather_app,
     weather_report,
 )
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -119,13 +119,13 @@ async def test_concurrent_runs_each_get_their_own_trace() -> None:
         trace_of[trace_id] = run
     assert len(trace_of) == RUNS, "two streams were told the same trace id"
 
-    assert len(backend.turns) == RUNS
-    assert {turn.trace_id for turn in backend.turns} == set(trace_of)
-    for turn in backend.turns:
+    assert len(backend.runs) == RUNS
+    assert {turn.trace_id for turn in backend.runs} == set(trace_of)
+    for turn in backend.runs:
         run = trace_of[turn.trace_id]
-        assert turn.turn is not None
-        assert (turn.turn.thread_id, turn.turn.run_id) == (run.thread_id, run.run_id)
-        assert turn.turn.turn_number == 1
+        assert turn.run is not None
+        assert (turn.run.thread_id, turn.run.run_id) == (run.thread_id, run.run_id)
+        assert turn.run.turn_number == 1
         assert turn.input == f"What is the weather in {run.city}?"
         assert turn.output == answer_text(run.city)
         assert turn.error is None
@@ -141,7 +141,7 @@ async def test_concurrent_runs_each_get_their_own_trace() -> None:
         assert observability.last_trace_id(run.thread_id) == trace_id
         assert observability.current_trace_id(run.thread_id) is None
     assert backend.open_spans() == []
-    assert not observability._open_streams  # every stream tracer let go of
+    assert observability.runs.open_streams == 0  # every stream tracer let go of
 
 
 async def test_concurrent_turns_of_one_thread_are_numbered_and_kept_apart() -> None:
@@ -166,13 +166,13 @@ async def test_concurrent_turns_of_one_thread_are_numbered_and_kept_apart() -> N
             results = dict(await asyncio.gather(*(one(client, url, index) for index in range(runs))))
 
     assert len(set(results.values())) == runs
-    for turn in backend.turns:
-        assert turn.turn is not None
-        assert results[turn.turn.run_id or ""] == turn.trace_id
+    for turn in backend.runs:
+        assert turn.run is not None
+        assert results[turn.run.run_id or ""] == turn.trace_id
         assert [child.attributes["gen_ai.tool.call.id"] for child in turn.children] == [
-            f"{turn.turn.run_id}-call"
+            f"{turn.run.run_id}-call"
         ]
-    assert sorted(turn.turn.turn_number for turn in backend.turns if turn.turn) == list(range(1, runs + 1))
+    assert sorted(turn.run.turn_number for turn in backend.runs if turn.run) == list(range(1, runs + 1))
     assert observability.last_trace_id("shared-thread") in set(results.values())
     assert observability.current_trace_id("shared-thread") is None
     assert backend.open_spans() == []
@@ -290,7 +290,7 @@ async def test_registry_drops_the_least_recent_threads_past_max_threads() -> Non
         # A new turn on an old thread makes it the most recent: it is kept, the next oldest goes.
         again = await sequential_runs(url, ["bounded-5", "bounded-15"])
 
-    assert len(backend.turns) == 17  # the registry forgets ids, the traces are all recorded
+    assert len(backend.runs) == 17  # the registry forgets ids, the traces are all recorded
     # 15 threads keep 5..14; bounded-5 is then touched again, so bounded-15 pushes out bounded-6.
     for thread in [*threads[:5], "bounded-6"]:
         assert observability.last_trace_id(thread) is None, thread
@@ -298,14 +298,14 @@ async def test_registry_drops_the_least_recent_threads_past_max_threads() -> Non
     for thread in threads[7:]:
         assert observability.last_trace_id(thread) == announced[thread], thread
     assert observability.last_trace_id("bounded-15") == again["bounded-15"]
-    assert len(observability._threads) == 10
+    assert len(observability.runs.threads) == 10
 
 
 async def test_registry_drops_idle_threads() -> None:
     backend = RecordingBackend()
     observability = Observability([backend], mask_messages=False, thread_idle_seconds=0.5)
     now = [0.0]  # a manual clock: a loaded machine must not decide what counts as idle
-    observability._threads._clock = lambda: now[0]
+    observability.runs.threads._clock = lambda: now[0]
     with serve(TracingMiddleware(agui_app(), observability=observability)) as url:
         first = await sequential_runs(url, ["idle-a", "idle-b"])
         assert observability.last_trace_id("idle-a") == first["idle-a"]
@@ -317,9 +317,9 @@ async def test_registry_drops_idle_threads() -> None:
         assert observability.last_trace_id("idle-b") == second["idle-b"]
         now[0] += 0.6
         assert observability.last_trace_id("idle-b") is None
-        assert len(observability._threads) == 0
+        assert len(observability.runs.threads) == 0
         # A forgotten thread starts counting its turns afresh.
         third = await sequential_runs(url, ["idle-b"])
         assert observability.last_trace_id("idle-b") == third["idle-b"]
-    assert [turn.turn.turn_number for turn in backend.turns if turn.turn] == [1, 1, 2, 1]
+    assert [turn.run.turn_number for turn in backend.runs if turn.run] == [1, 1, 2, 1]
     assert backend.open_spans() == []

@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 
-from ambient_tracing import Observability, SpanKind, StreamTracer, core
+from ambient_tracing import Observability
+from ambient_tracing.backends.base import SpanKind
 from ambient_tracing.privacy import REDACTED
-from ambient_tracing.tracer.handlers import MAX_TEXT_CHARS, TRUNCATED
+from ambient_tracing.testing import RecordedSpan, RecordingBackend
+from ambient_tracing.tracer import handlers as core
+from ambient_tracing.tracer.handlers import MAX_TEXT_CHARS, TRUNCATED, StreamTracer
 from ambient_tracing.tracer.request import RunRequest
-from tests.support.recording_backend import RecordedSpan, RecordingBackend
 
 
 def trace(
@@ -23,7 +25,7 @@ def trace(
 ) -> tuple[RecordingBackend, list[str | None], Observability]:
     backend = RecordingBackend()
     obs = Observability(backends or [backend], mask_messages=mask)
-    tracer = StreamTracer(obs, request or RunRequest(thread_id="th", run_id="r", user_message="hello"))
+    tracer = StreamTracer(obs.runs, request or RunRequest(thread_id="th", run_id="r", user_message="hello"))
     ids = [tracer.on_event(event) for event in events]
     tracer.close()
     return (backends or [backend])[0], ids, obs
@@ -38,7 +40,7 @@ def run(*events: dict[str, Any], **finished: Any) -> list[dict[str, Any]]:
 
 
 def only_turn(backend: RecordingBackend) -> RecordedSpan:
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert not backend.open_spans()
     return turn
 
@@ -49,9 +51,9 @@ def test_run_started_opens_the_turn_and_returns_its_id() -> None:
     assert ids == [turn.trace_id, None]
     assert turn.name == "llm_interaction" and turn.kind is SpanKind.RUN
     assert turn.input == "hello"
-    assert turn.turn is not None
-    assert (turn.turn.thread_id, turn.turn.run_id, turn.turn.turn_number) == ("th", "r", 1)
-    assert turn.turn.attributes == {"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": "th"}
+    assert turn.run is not None
+    assert (turn.run.thread_id, turn.run.run_id, turn.run.turn_number) == ("th", "r", 1)
+    assert turn.run.attributes == {"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": "th"}
     assert obs.last_trace_id("th") == turn.trace_id
     assert obs.current_trace_id("th") is None
 
@@ -222,10 +224,10 @@ def test_several_runs_in_one_stream_each_get_a_trace() -> None:
         for event in run({"type": "TEXT_MESSAGE_CHUNK", "messageId": "b", "delta": "two"})
     ]
     backend, ids, obs = trace(first + second)
-    assert [turn.output for turn in backend.turns] == ["one", "two"]
-    assert [turn.turn.turn_number for turn in backend.turns if turn.turn] == [1, 2]
-    assert [i for i in ids if i] == [turn.trace_id for turn in backend.turns]
-    assert obs.last_trace_id("th") == backend.turns[1].trace_id
+    assert [turn.output for turn in backend.runs] == ["one", "two"]
+    assert [turn.run.turn_number for turn in backend.runs if turn.run] == [1, 2]
+    assert [i for i in ids if i] == [turn.trace_id for turn in backend.runs]
+    assert obs.last_trace_id("th") == backend.runs[1].trace_id
 
 
 def test_a_run_left_open_is_ended_with_an_error() -> None:
@@ -246,7 +248,7 @@ def test_events_outside_a_run_are_ignored() -> None:
             {},
         ]
     )
-    assert backend.turns == [] and ids == [None] * 4
+    assert backend.runs == [] and ids == [None] * 4
 
 
 def test_out_of_order_events_record_what_they_can_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -286,7 +288,7 @@ def test_masking_redacts_long_content_for_every_backend() -> None:
         tool = turn.find("tool_T")
         assert tool.input == {"q": REDACTED, "n": "short"}
         assert tool.output == REDACTED
-    assert first.turns[0].trace_id == second.turns[0].trace_id
+    assert first.runs[0].trace_id == second.runs[0].trace_id
 
 
 def test_recorded_text_is_capped() -> None:

@@ -23,9 +23,9 @@ from starlette.types import ASGIApp, Message
 
 from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.doors.request_body import MAX_REQUEST_BYTES, PREFIX_BYTES, RequestBody
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import scripted_run
 from tests.support.asgi_driver import http_scope
-from tests.support.recording_backend import RecordingBackend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -164,7 +164,7 @@ async def test_a_run_still_gets_its_input_when_the_body_is_kept() -> None:
         await app(scope, receive, send)
         assert sent[0]["status"] == 200
     await obs.aclose()
-    assert [turn.input for turn in backend.turns] == ["hi there"] * 3
+    assert [turn.input for turn in backend.runs] == ["hi there"] * 3
 
 
 def fed(*chunks: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> RequestBody:

@@ -8,11 +8,12 @@ import threading
 import time
 from typing import Any
 
-from ambient_tracing import Observability, StreamTracer
+from ambient_tracing import Observability
 from ambient_tracing.session_metrics.emitter import Emitter
 from ambient_tracing.session_metrics.metrics import MAX_SWEEP_PER_TICK, SessionReporter
+from ambient_tracing.testing import RecordingBackend
+from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
-from tests.support.recording_backend import RecordingBackend
 
 
 class ThreadNotingBackend(RecordingBackend):
@@ -28,7 +29,7 @@ class ThreadNotingBackend(RecordingBackend):
 
 
 def one_run(obs: Observability, thread_id: str) -> None:
-    tracer = StreamTracer(obs, RunRequest(thread_id=thread_id))
+    tracer = StreamTracer(obs.runs, RunRequest(thread_id=thread_id))
     for event in (
         {"type": "RUN_STARTED", "threadId": thread_id, "runId": "r"},
         {"type": "TOOL_CALL_START", "toolCallId": "c", "toolCallName": "Read"},

@@ -8,8 +8,8 @@ import pytest
 from starlette.responses import Response
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.testing import RecordingBackend
 from tests.support.pair import Pair, ends_of, fetch, run_events, serve_pair, sse, strip_ids
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(30)
@@ -84,7 +84,7 @@ async def test_a_bom_later_in_the_stream_is_not_skipped(pair: Pair) -> None:
     path = pair.app.add_stream([stream])
     traced = await fetch(pair.traced, path, body={})
     assert traced.raw == stream  # the first data line is not "data:": no run is seen
-    assert not pair.turns("t-late-bom")
+    assert not pair.runs("t-late-bom")
 
 
 async def test_content_length_without_an_app_of_ours() -> None:
@@ -108,5 +108,5 @@ async def test_content_length_without_an_app_of_ours() -> None:
     with serve(TracingMiddleware(app, observability=obs), lifespan="off") as url:
         fetched = await fetch(url, "/", body={})
     assert fetched.raw == body
-    assert obs.last_trace_id("t-raw") == backend.turns[0].trace_id
+    assert obs.last_trace_id("t-raw") == backend.runs[0].trace_id
     await obs.aclose()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from ambient_tracing import Observability, StreamTracer
+from ambient_tracing import Observability
 from ambient_tracing.session_metrics.pricing import MAX_MODEL_NAME_CHARS, Pricing, TokenCounts
+from ambient_tracing.testing import RecordingBackend
+from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
-from tests.support.recording_backend import RecordingBackend
 
 
 def started(thread: str, run: str) -> dict[str, str]:
@@ -22,7 +23,7 @@ def step(kind: str, name: str) -> dict[str, str]:
 def test_steps_finished_out_of_order_end_once_and_parent_the_innermost_open_one() -> None:
     backend = RecordingBackend()
     obs = Observability([backend], mask_messages=False)
-    tracer = StreamTracer(obs, RunRequest())
+    tracer = StreamTracer(obs.runs, RunRequest())
     tracer.on_event(started("th", "r"))
     for event in [step("STARTED", "a"), step("STARTED", "b"), step("STARTED", "c"), step("FINISHED", "b")]:
         tracer.on_event(event)
@@ -34,7 +35,7 @@ def test_steps_finished_out_of_order_end_once_and_parent_the_innermost_open_one(
     tracer.on_event(step("STARTED", "d"))
     tracer.on_event(step("FINISHED", "nope"))  # matches no open step: warned, ignored
     tracer.on_event({"type": "RUN_FINISHED"})
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert turn.find("tool_Grep").attributes["ambient.step"] == "c"
     assert turn.find("tool_Read").attributes["ambient.step"] == "a"
     assert turn.find("step_d").parent is turn.find("step_a")
@@ -44,7 +45,7 @@ def test_steps_finished_out_of_order_end_once_and_parent_the_innermost_open_one(
 
 def test_a_flood_of_unmatched_step_finishes_keeps_every_span_right() -> None:
     backend = RecordingBackend()
-    tracer = StreamTracer(Observability([backend], mask_messages=False), RunRequest())
+    tracer = StreamTracer(Observability([backend], mask_messages=False).runs, RunRequest())
     tracer.on_event(started("th", "r"))
     for index in range(5_000):
         tracer.on_event(step("STARTED", f"s{index}"))
@@ -53,8 +54,8 @@ def test_a_flood_of_unmatched_step_finishes_keeps_every_span_right() -> None:
     for index in reversed(range(5_000)):
         tracer.on_event(step("FINISHED", f"s{index}"))
     tracer.on_event({"type": "RUN_FINISHED"})
-    [turn] = backend.turns
-    spans = turn.backend_spans()  # 1,000 nested steps (the per-run cap), the rest not recorded
+    [turn] = backend.runs
+    spans = turn.walk()  # 1,000 nested steps (the per-run cap), the rest not recorded
     assert len(spans) == 1 + 1_000
     assert all(span.ended == 1 and span.error is None for span in spans)
 
@@ -62,7 +63,7 @@ def test_a_flood_of_unmatched_step_finishes_keeps_every_span_right() -> None:
 def test_current_trace_id_names_a_run_still_open_while_any_is() -> None:
     backend = RecordingBackend()
     obs = Observability([backend], mask_messages=False)
-    first, second = StreamTracer(obs, RunRequest()), StreamTracer(obs, RunRequest())
+    first, second = StreamTracer(obs.runs, RunRequest()), StreamTracer(obs.runs, RunRequest())
     run_a = first.on_event(started("th", "a"))
     run_b = second.on_event(started("th", "b"))
     assert obs.current_trace_id("th") == run_b
@@ -76,13 +77,13 @@ def test_current_trace_id_names_a_run_still_open_while_any_is() -> None:
 async def test_after_aclose_no_new_run_gets_an_id() -> None:
     backend = RecordingBackend()
     obs = Observability([backend], mask_messages=False)
-    tracer = StreamTracer(obs, RunRequest())
+    tracer = StreamTracer(obs.runs, RunRequest())
     assert tracer.on_event(started("th", "before"))
     await obs.aclose()
     # A stream that was already running when the app shut down starts another run.
     assert tracer.on_event(started("th", "after")) is None
-    assert StreamTracer(obs, RunRequest()).on_event(started("th", "later")) is None
-    assert [turn.turn.run_id for turn in backend.turns if turn.turn] == ["before"]
+    assert StreamTracer(obs.runs, RunRequest()).on_event(started("th", "later")) is None
+    assert [turn.run.run_id for turn in backend.runs if turn.run] == ["before"]
     assert not backend.open_spans()
 
 

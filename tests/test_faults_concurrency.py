@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input
 from tests.support.asgi_driver import frame
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.pair import ends_of, strip_ids
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(90)
@@ -106,12 +106,12 @@ async def test_500_concurrent_runs_never_cross_ids() -> None:
     assert most >= runs // 5, f"only {most} streams overlapped: the test proves little"
 
     assert len(found) == runs
-    assert len(backend.turns) == runs
-    assert {turn.trace_id for turn in backend.turns} == set(found)
-    for turn in backend.turns:
+    assert len(backend.runs) == runs
+    assert {turn.trace_id for turn in backend.runs} == set(found)
+    for turn in backend.runs:
         thread, run = found[turn.trace_id]
-        assert turn.turn is not None
-        assert (turn.turn.thread_id, turn.turn.run_id) == (thread, run)
+        assert turn.run is not None
+        assert (turn.run.thread_id, turn.run.run_id) == (thread, run)
         assert turn.output == own_text(run)
         assert turn.error is None
         [tool] = turn.children
@@ -122,7 +122,7 @@ async def test_500_concurrent_runs_never_cross_ids() -> None:
         assert obs.last_trace_id(thread) == turn.trace_id
         assert obs.current_trace_id(thread) is None
     assert backend.open_spans() == []
-    assert not obs._open_streams
+    assert obs.runs.open_streams == 0
 
 
 async def test_50_concurrent_runs_to_langfuse_never_cross_ids(
@@ -142,7 +142,7 @@ async def test_50_concurrent_runs_to_langfuse_never_cross_ids(
         ),
         timeout=20,
     )
-    assert {turn.trace_id for turn in recording.turns} == set(found)  # the one id in both backends
+    assert {turn.trace_id for turn in recording.runs} == set(found)  # the one id in both backends
     for span in spans:
         if span.trace_id not in found:
             continue

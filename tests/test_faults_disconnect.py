@@ -22,10 +22,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input
 from tests.support.asgi_driver import drive, frame, sse_app
 from tests.support.pair import ends_of, fetch, strip_ids
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -200,7 +200,7 @@ async def test_client_disconnects_at_random_points_over_http(served: Served) -> 
             handled += 1
             await settle(served.counting, handled)
             assert served.backend.open_spans() == []
-    cut_turns = [t for t in served.backend.turns if t.turn and (t.turn.thread_id or "").startswith("t-cut-")]
+    cut_turns = [t for t in served.backend.runs if t.run and (t.run.thread_id or "").startswith("t-cut-")]
     # Every request whose RUN_STARTED the app sent has a trace, ended exactly once.
     assert 0 < len(cut_turns) <= POINTS
     assert all(span.ended == 1 for turn in cut_turns for span in turn.walk())
@@ -245,9 +245,9 @@ async def test_client_disconnects_at_random_points_in_process(spec_version: str,
             else:
                 assert driven.disconnected
             assert backend.open_spans() == []
-            assert not obs._open_streams
+            assert obs.runs.open_streams == 0
         caplog_records = logs.records
-    assert len(backend.turns) == POINTS + 1  # every cut comes after RUN_STARTED's frame began
+    assert len(backend.runs) == POINTS + 1  # every cut comes after RUN_STARTED's frame began
     assert [r.getMessage() for r in caplog_records if r.levelno >= logging.ERROR] == []
     assert len(caplog_records) <= POINTS
     after = await drive(app, [json.dumps(run_input("t", "r")).encode()], path=path)

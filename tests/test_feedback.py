@@ -19,11 +19,11 @@ from starlette.routing import Route
 
 from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint
 from ambient_tracing.backends.mlflow import MlflowBackend
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 

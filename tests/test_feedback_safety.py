@@ -27,9 +27,11 @@ from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint, parse_feedback
+from ambient_tracing import Observability, TracingMiddleware, feedback_endpoint
 from ambient_tracing.backends.mlflow import MlflowBackend
-from ambient_tracing.feedback.spool import Limits, RatingStore
+from ambient_tracing.config import FeedbackLimits as Limits
+from ambient_tracing.feedback.ratings import parse_feedback
+from ambient_tracing.feedback.spool import RatingStore
 from ambient_tracing.ids import new_trace_id
 from ambient_tracing.privacy import mask_id
 from tests.support.agui_app import agui_app, run_input
@@ -216,7 +218,7 @@ async def test_a_rating_checked_at_delivery_is_set_aside_when_its_trace_is_anoth
         early = await post(url, rating(thread_id="thread-mine", traceId=chosen))  # stored nowhere yet
         assert early.status_code == 200 and early.json()["event"]["ownership"] == "checked at delivery"
         producer = Observability([langfuse_backend()], feedback_spool=tmp_path / "a.db")
-        turn = producer.open_turn(
+        turn = producer.runs.open(
             thread_id="thread-theirs", run_id="r", user_id=None, user_name=None, input="x", trace_id=chosen
         )
         assert turn is not None and turn.trace_id == chosen

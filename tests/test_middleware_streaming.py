@@ -20,6 +20,7 @@ from starlette.types import Scope
 
 from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.doors.request_body import MAX_REQUEST_BYTES
+from ambient_tracing.testing import RecordedSpan, RecordingBackend
 from tests.support.agui_app import run_input, scripted_run
 from tests.support.pair import (
     Pair,
@@ -31,7 +32,6 @@ from tests.support.pair import (
     sse,
     strip_ids,
 )
-from tests.support.recording_backend import RecordedSpan, RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(20)
@@ -139,7 +139,7 @@ async def test_the_stream_is_the_apps_bytes_plus_one_id_frame_after_run_started(
     assert traced.comparable_headers() == plain.comparable_headers()
     stripped, ids = strip_ids(traced.raw)
     assert stripped == plain.raw
-    [turn] = pair.turns("t-bytes")
+    [turn] = pair.runs("t-bytes")
     assert ids == [(ends_of(plain.raw, "RUN_STARTED")[0], turn.trace_id)]
     assert pair.obs.last_trace_id("t-bytes") == turn.trace_id
     # The id frame is a well-formed AG-UI CUSTOM event.
@@ -164,9 +164,9 @@ async def test_several_runs_in_one_stream_each_get_a_trace_and_an_id(pair: Pair)
     plain = await fetch(pair.plain, path, body=body)
     stripped, ids = strip_ids(traced.raw)
     assert stripped == plain.raw
-    turns = pair.turns("t-multi")
-    assert [turn.turn.run_id for turn in turns if turn.turn] == ["r1", "r2", "r3"]
-    assert [turn.turn.turn_number for turn in turns if turn.turn] == [1, 2, 3]
+    turns = pair.runs("t-multi")
+    assert [turn.run.run_id for turn in turns if turn.run] == ["r1", "r2", "r3"]
+    assert [turn.run.turn_number for turn in turns if turn.run] == [1, 2, 3]
     assert [trace_id for _, trace_id in ids] == [turn.trace_id for turn in turns]
     assert len({turn.trace_id for turn in turns}) == 3
     started, finished = ends_of(plain.raw, "RUN_STARTED"), ends_of(plain.raw, "RUN_FINISHED")
@@ -192,7 +192,7 @@ async def assert_untouched(pair: Pair, path: str, **request: Any) -> None:
         plain.raw,
     )
     assert b"ambient:trace_id" not in traced.raw
-    assert not pair.turns("t-pass")
+    assert not pair.runs("t-pass")
 
 
 async def test_get_passes_through(pair: Pair) -> None:
@@ -240,7 +240,7 @@ def test_a_websocket_passes_through() -> None:
             websocket.send_text("hello")
             assert websocket.receive_text() == "echo: hello"
         assert scenarios.lifespan == ["startup", "shutdown"]
-        assert not backend.turns
+        assert not backend.runs
 
 
 async def test_lifespan_of_the_app_still_runs() -> None:
@@ -268,17 +268,17 @@ async def test_user_comes_from_headers(pair: Pair) -> None:
         body=run_input("t-user", "r"),
         headers={"X-Current-User-Id": "u-42", "x-current-user-name": "Ada Lovelace"},
     )
-    [turn] = pair.turns("t-user")
-    assert turn.turn is not None
-    assert (turn.turn.user_id, turn.turn.user_name) == ("u-42", "Ada Lovelace")
+    [turn] = pair.runs("t-user")
+    assert turn.run is not None
+    assert (turn.run.user_id, turn.run.user_name) == ("u-42", "Ada Lovelace")
 
 
 async def test_no_user_headers_means_no_user(pair: Pair) -> None:
     path = pair.app.add_stream(encoded(scripted_run("t-nouser", "r")))
     await fetch(pair.traced, path, body=run_input("t-nouser", "r"))
-    [turn] = pair.turns("t-nouser")
-    assert turn.turn is not None
-    assert (turn.turn.user_id, turn.turn.user_name) == (None, None)
+    [turn] = pair.runs("t-nouser")
+    assert turn.run is not None
+    assert (turn.run.user_id, turn.run.user_name) == (None, None)
 
 
 async def test_user_comes_from_a_resolver() -> None:
@@ -297,9 +297,9 @@ async def test_user_comes_from_a_resolver() -> None:
             body=run_input("t-resolved", "r"),
             headers={"authorization": "Bearer u-7", "x-current-user-id": "ignored"},
         )
-        [turn] = served.turns("t-resolved")
-        assert turn.turn is not None
-        assert (turn.turn.user_id, turn.turn.user_name) == ("u-7", "Resolved Name")
+        [turn] = served.runs("t-resolved")
+        assert turn.run is not None
+        assert (turn.run.user_id, turn.run.user_name) == ("u-7", "Resolved Name")
         assert len(seen) == 1 and seen[0]["path"] == path
 
 
@@ -313,9 +313,9 @@ async def test_thread_run_and_message_come_from_the_body_and_the_app_gets_all_of
     response = await fetch(pair.traced, path, body=sent)
     assert response.status == 200 and len(strip_ids(response.raw)[1]) == 1
     assert pair.app.bodies[path.rsplit("/", 1)[1]] == [sent]
-    [turn] = pair.turns("t-body")
-    assert turn.turn is not None
-    assert (turn.turn.thread_id, turn.turn.run_id) == ("t-body", "r-body")
+    [turn] = pair.runs("t-body")
+    assert turn.run is not None
+    assert (turn.run.thread_id, turn.run.run_id) == ("t-body", "r-body")
     assert turn.input == "x" * 300_000 + " the end"  # the last user message
 
 
@@ -328,9 +328,9 @@ async def test_run_started_input_overrides_the_body(pair: Pair) -> None:
     }
     path = pair.app.add_stream([sse(event), sse({"type": "RUN_FINISHED"})])
     await fetch(pair.traced, path, body=run_input("t-other", "r-other", message="from the body"))
-    [turn] = pair.turns("t-event")
-    assert turn.turn is not None
-    assert turn.turn.run_id == "r-event" and turn.input == "from the event"
+    [turn] = pair.runs("t-event")
+    assert turn.run is not None
+    assert turn.run.run_id == "r-event" and turn.input == "from the event"
 
 
 async def test_a_request_body_past_the_copy_limit_reaches_the_app_whole(pair: Pair) -> None:
@@ -339,7 +339,7 @@ async def test_a_request_body_past_the_copy_limit_reaches_the_app_whole(pair: Pa
     path = pair.app.add_stream(encoded(scripted_run("t-bigbody", "r")))
     response = await fetch(pair.traced, path, body=sent)
     assert pair.app.bodies[path.rsplit("/", 1)[1]] == [sent]
-    [turn] = pair.turns("t-bigbody")
+    [turn] = pair.runs("t-bigbody")
     assert len(strip_ids(response.raw)[1]) == 1
     assert turn.input is None and turn.error is None  # too large to keep: traced without the message
 
@@ -355,8 +355,8 @@ async def test_a_raising_user_resolver_leaves_the_stream_untouched(
         path = served.app.add_stream(encoded(scripted_run("t-badresolver", "r")))
         traced = await fetch(served.traced, path, body=run_input("t-badresolver", "r"))
         plain = await fetch(served.plain, path, body=run_input("t-badresolver", "r"))
-        assert traced.raw == plain.raw and not served.backend.turns
-        [warning] = [r for r in caplog.records if r.name == "ambient_tracing"]
+        assert traced.raw == plain.raw and not served.backend.runs
+        [warning] = [r for r in caplog.records if r.name.startswith("ambient_tracing")]
         assert "no session" in warning.getMessage()
 
 
@@ -393,7 +393,7 @@ async def test_client_disconnect_ends_every_span_and_the_server_keeps_serving(pa
             if b"TEXT_MESSAGE_CONTENT" in received:
                 break
     assert len(strip_ids(received)[1]) == 1
-    [turn] = pair.turns("t-gone")
+    [turn] = pair.runs("t-gone")
     await settled(pair.backend, [turn])
     assert turn.error is not None and "cancelled" in turn.error and "disconnect" in turn.error
     children = turn.walk()[1:]
@@ -424,7 +424,7 @@ async def test_app_raising_mid_stream_ends_spans_with_error_and_the_server_keeps
             async for chunk in response.aiter_raw():
                 received += chunk
     assert len(strip_ids(received)[1]) == 1
-    [turn] = pair.turns("t-boom")
+    [turn] = pair.runs("t-boom")
     await settled(pair.backend, [turn])
     assert turn.error == "RuntimeError: the model went away"
     tool = turn.find("tool_search")
@@ -442,7 +442,7 @@ async def test_app_raising_before_responding_is_untraced_and_the_error_reaches_t
     traced = await fetch(pair.traced, path, body=run_input("t-noresp", "r"))
     plain = await fetch(pair.plain, path, body=run_input("t-noresp", "r"))
     assert traced.status == plain.status == 500 and traced.raw == plain.raw
-    assert not pair.turns("t-noresp")
+    assert not pair.runs("t-noresp")
     await still_serves(pair)
 
 
@@ -450,8 +450,8 @@ async def test_run_started_goes_out_before_the_turn_opens_and_text_before_it_is_
     """Tracing never delays the app's bytes: each chunk is forwarded before its events are traced,
     and a RUN_STARTED frame before the (costly) turn opening, its id frame right after."""
     from ambient_tracing import Observability, TracingMiddleware
+    from ambient_tracing.testing import RecordingBackend
     from tests.support.asgi_driver import Driven, drive, frame, sse_app
-    from tests.support.recording_backend import RecordingBackend
 
     sent: list[bytes] = []
 
@@ -475,8 +475,9 @@ async def test_run_started_goes_out_before_the_turn_opens_and_text_before_it_is_
         await app(scope, receive, spy)
 
     driven: Driven = await drive(recording_app, [b"{}"])
-    assert backend.seen_at_open == prefix + started  # the bytes up to RUN_STARTED were already out
-    [turn] = backend.turns
+    [turn] = backend.runs
+    # The bytes up to RUN_STARTED were already out when the run opened (on the span worker).
+    assert backend.seen_at_open.startswith(prefix + started)
     id_frame = driven.chunks[1]
     assert driven.chunks == [prefix + started, id_frame, rest, b""]
     assert turn.trace_id.encode() in id_frame
@@ -484,8 +485,8 @@ async def test_run_started_goes_out_before_the_turn_opens_and_text_before_it_is_
 
 async def test_frames_skipped_on_the_hot_path_are_traced_again_in_the_next_run() -> None:
     from ambient_tracing import Observability, TracingMiddleware
+    from ambient_tracing.testing import RecordingBackend
     from tests.support.asgi_driver import drive, frame, sse_app
-    from tests.support.recording_backend import RecordingBackend
 
     def text_run(run_id: str, words: list[str]) -> list[bytes]:
         return [
@@ -500,7 +501,7 @@ async def test_frames_skipped_on_the_hot_path_are_traced_again_in_the_next_run()
     chunks = text_run("r1", ["long words " * 3] * 50) + text_run("r2", ["short"])
     app = TracingMiddleware(sse_app(chunks), observability=Observability([backend]))  # masking on
     driven = await drive(app, [b"{}"])
-    first, second = backend.turns
+    first, second = backend.runs
     assert first.output == "[REDACTED FOR PRIVACY]"  # its text went past the mask's limit
     assert second.output == "short"
     assert driven.body.replace(driven.chunks[1], b"").count(b"ambient:trace_id") == 1

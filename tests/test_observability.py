@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 import ambient_tracing.observability as observability_module
-from ambient_tracing import Observability, Rating
+from ambient_tracing import Observability
 from ambient_tracing.backends.base import RatingRejected, TraceNotStored
+from ambient_tracing.backends.rating import Rating
 from ambient_tracing.feedback.delivery import RatingDelivery
 from ambient_tracing.feedback.spool import StoreFull
-from tests.support.recording_backend import RecordedSpan as RecordedSpanType
-from tests.support.recording_backend import RecordingBackend
+from ambient_tracing.testing import RecordedSpan as RecordedSpanType
+from ambient_tracing.testing import RecordingBackend
 
 
 class FlakySetup(RecordingBackend):
@@ -172,10 +173,8 @@ def test_the_spool_location_comes_from_the_environment() -> None:
     assert TracingConfig.from_env({}).feedback_spool is None  # the default location is used
 
 
-class DeferredRecording(RecordingBackend):
-    """A recording backend that asks for its span calls to run off the event loop, as vendors do."""
-
-    defer_spans = True
+# Every backend without a span sink has its span calls run on the span worker, as vendors do.
+DeferredRecording = RecordingBackend
 
 
 async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -> None:
@@ -204,16 +203,16 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
         seen = [
             e async for e in trace_agui_stream(events(), observability=obs, run_input=run_input("t-d", "r-d"))
         ]
-        assert obs._span_worker.drain(5)
+        assert obs.spans.worker.drain(5)
     finally:
         RecordedSpanType.start_child = original  # type: ignore[method-assign]
     assert len(seen) == len(scripted_run("t-d", "r-d")) + 1
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert [child.name for child in turn.children] == ["tool_search"]
     assert turn.children[0].input == {"query": "life"} and turn.children[0].output == "42"
     assert turn.ended == 1 and not backend.open_spans()
     assert threads == {"ambient-tracing-spans"}
-    worker_thread = obs._span_worker._thread
+    worker_thread = obs.spans.worker._thread
     assert worker_thread is not None
     await obs.aclose()
     worker_thread.join(5)
@@ -223,6 +222,6 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
 async def test_new_runs_skip_deferred_backends_while_the_worker_is_far_behind() -> None:
     backend = DeferredRecording()
     obs = Observability([backend])
-    obs._span_worker._max_backlog = -1  # always "behind"
-    assert obs.open_turn(thread_id="t", run_id="r", user_id=None, user_name=None, input=None) is None
+    obs.spans.worker._max_backlog = -1  # always "behind"
+    assert obs.runs.open(thread_id="t", run_id="r", user_id=None, user_name=None, input=None) is None
     await obs.aclose()

@@ -15,11 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ambient_tracing import Observability, StreamTracer
+from ambient_tracing import Observability
+from ambient_tracing.testing import RecordedSpan, RecordingBackend, outliving_spans
+from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
 from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
-from tests.support.recording_backend import RecordedSpan, RecordingBackend, outliving_spans
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +28,7 @@ Event = dict[str, Any]
 
 
 def feed(obs: Observability, events: list[Event], *, user: str | None = "alice") -> StreamTracer:
-    tracer = StreamTracer(obs, RunRequest(thread_id="th", run_id="r", user_message="hi", user_id=user))
+    tracer = StreamTracer(obs.runs, RunRequest(thread_id="th", run_id="r", user_message="hi", user_id=user))
     for event in events:
         tracer.on_event(event)
     tracer.close()
@@ -38,7 +39,7 @@ def traced(events: list[Event], **options: Any) -> tuple[RecordingBackend, Recor
     backend = RecordingBackend()
     obs = Observability([backend], mask_messages=False, **options)
     feed(obs, events)
-    [turn] = backend.turns
+    [turn] = backend.runs
     return backend, turn, obs
 
 
@@ -355,7 +356,8 @@ async def test_mlflow_stores_the_origin_tool_span_and_trace_tags(mlflow_backend:
     backend = mlflow_backend()
     obs = Observability([backend], mask_messages=False)
     tracer = StreamTracer(
-        obs, RunRequest(thread_id="th", run_id="r", user_message="hi", user_id="alice", user_name="Alice")
+        obs.runs,
+        RunRequest(thread_id="th", run_id="r", user_message="hi", user_id="alice", user_name="Alice"),
     )
     trace_id = tracer.on_event(FAILING_RUN[0])
     assert trace_id is not None
@@ -404,7 +406,7 @@ async def test_cumulative_result_usage_counts_what_is_new_in_each_run() -> None:
             )
         ),
     )
-    first, second = (turn.usage for turn in backend.turns)
+    first, second = (turn.usage for turn in backend.runs)
     # AG-UI accounting: cache counts are parts of the input.
     assert [
         (u.model, u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) for u in first
@@ -412,7 +414,7 @@ async def test_cumulative_result_usage_counts_what_is_new_in_each_run() -> None:
     assert [(u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) for u in second] == [
         (210, 100, 0, 10)
     ]
-    assert backend.turns[0].model == "claude-sonnet-4"
+    assert backend.runs[0].model == "claude-sonnet-4"
     metrics = await session_report(obs, backend)
     assert metrics["tokens"]["input"] == 330 and metrics["tokens"]["output"] == 150
     assert metrics["models"] == ["claude-sonnet-4"]
@@ -426,7 +428,7 @@ def test_a_counter_that_goes_down_restarted() -> None:
     obs = Observability([backend], mask_messages=False)
     feed(obs, run(result=claude_result(input_tokens=500, output_tokens=50)))
     feed(obs, run(result=claude_result(input_tokens=40, output_tokens=5)))
-    assert [turn.usage[0].input_tokens for turn in backend.turns] == [500, 40]
+    assert [turn.usage[0].input_tokens for turn in backend.runs] == [500, 40]
 
 
 def test_ag_ui_usage_wins_over_result_usage_and_bad_usage_is_ignored() -> None:
@@ -457,7 +459,7 @@ async def test_result_usage_objects_from_the_python_door() -> None:
     obs = Observability([backend], mask_messages=False)
     async for _ in trace_agui_stream(events(), obs):
         pass
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert [(u.input_tokens, u.output_tokens) for u in turn.usage] == [(11, 4)]
 
 
@@ -466,7 +468,7 @@ async def test_mlflow_and_langfuse_record_result_usage(
 ) -> None:
     mlflow = mlflow_backend()
     obs = Observability([mlflow, langfuse_backend()], mask_messages=False)
-    tracer = StreamTracer(obs, RunRequest(thread_id="th-usage", run_id="r", user_message="hi"))
+    tracer = StreamTracer(obs.runs, RunRequest(thread_id="th-usage", run_id="r", user_message="hi"))
     trace_id = tracer.on_event({"type": "RUN_STARTED", "threadId": "th-usage", "runId": "r"})
     assert trace_id is not None
     tracer.on_event(
@@ -534,7 +536,7 @@ async def test_every_run_and_session_metrics_carry_namespace_and_the_workflow_of
     monkeypatch.setenv("ACTIVE_WORKFLOW_GIT_URL", "https://github.com/acme/spec-kit")  # the user switched
     monkeypatch.delenv("ACTIVE_WORKFLOW_BRANCH")
     feed(obs, run(*tool_call("c2", "mcp__github__get_issue", error="rate limited"), result("c2", "")))
-    first, second = (turn.attributes for turn in backend.turns)
+    first, second = (turn.attributes for turn in backend.runs)
     assert first["ambient.namespace"] == second["ambient.namespace"] == "team-a"
     assert (first["ambient.workflow"], first["workflow_name"], first["workflow_branch"]) == (
         "bug-triage",
@@ -613,7 +615,8 @@ async def test_backends_store_namespace_workflow_and_session_metrics(
     monkeypatch.setenv("ACTIVE_WORKFLOW_GIT_URL", "https://github.com/acme/bug-triage.git")
     monkeypatch.setenv("ACTIVE_WORKFLOW_PATH", "flows/triage")
     tracer = StreamTracer(
-        obs, RunRequest(thread_id="th-wf", run_id="r", user_message="hi", user_id="alice", user_name="Alice")
+        obs.runs,
+        RunRequest(thread_id="th-wf", run_id="r", user_message="hi", user_id="alice", user_name="Alice"),
     )
     trace_id = tracer.on_event({"type": "RUN_STARTED", "threadId": "th-wf", "runId": "r"})
     assert trace_id is not None
@@ -708,7 +711,7 @@ async def test_two_layers_give_one_trace_and_one_id_event(layers: str) -> None:
         again = await post_run(url, run_input("th-two", "r2"))
     assert len(streamed.trace_ids) == 1 and len(again.trace_ids) == 1
     assert streamed.types[:2] == ["RUN_STARTED", "CUSTOM"]
-    assert [turn.trace_id for turn in backend.turns] == streamed.trace_ids + again.trace_ids
+    assert [turn.trace_id for turn in backend.runs] == streamed.trace_ids + again.trace_ids
     assert not backend.open_spans()
 
 
@@ -721,7 +724,7 @@ async def test_the_stream_wrapper_alone_still_traces() -> None:
     obs = Observability([backend], mask_messages=False, workflow=None)
     with serve(_app_using_the_stream_wrapper(obs)) as url:
         streamed = await post_run(url, run_input("th-one", "r1"))
-    assert [turn.trace_id for turn in backend.turns] == streamed.trace_ids
+    assert [turn.trace_id for turn in backend.runs] == streamed.trace_ids
 
 
 # -- a sqlite store keeps its artifacts beside it ----------------------------------------------------
@@ -764,4 +767,4 @@ async def test_a_response_the_middleware_does_not_trace_is_traced_by_the_wrapper
     with serve(TracingMiddleware(app, observability=obs)) as url:
         streamed = await post_run(url, run_input("th-lines", "r1"))
     assert len(streamed.trace_ids) == 1
-    assert [turn.trace_id for turn in backend.turns] == streamed.trace_ids
+    assert [turn.trace_id for turn in backend.runs] == streamed.trace_ids

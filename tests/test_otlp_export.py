@@ -374,11 +374,12 @@ _VOLATILE = frozenset(
 def _origin_run(obs: Observability) -> str:
     """One run with what the origin runner's dashboards rely on: a failed and a good tool, a step,
     usage in RUN_FINISHED.result, namespace and workflow; then the thread's Session Metrics."""
-    from ambient_tracing import StreamTracer
+    from ambient_tracing.tracer.handlers import StreamTracer
     from ambient_tracing.tracer.request import RunRequest
 
     tracer = StreamTracer(
-        obs, RunRequest(thread_id="th", run_id="r", user_message="hi", user_id="alice", user_name="Alice")
+        obs.runs,
+        RunRequest(thread_id="th", run_id="r", user_message="hi", user_id="alice", user_name="Alice"),
     )
     events: list[dict[str, Any]] = [
         {"type": "RUN_STARTED", "threadId": "th", "runId": "r"},

@@ -22,6 +22,7 @@ from ag_ui_validate.pytest_plugin import assert_valid_agui, validate_agui_endpoi
 
 from ambient_tracing import Observability
 from ambient_tracing.backends.mlflow import MlflowBackend
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import run_input
 from tests.support.client import Streamed, post_run
 from tests.support.fixtures_mlflow import wait_for_trace
@@ -34,7 +35,6 @@ from tests.support.producers import (
     TOOL_CALL_ID,
     Producer,
 )
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 VALIDATE_CLI = Path(sys.executable).with_name("ag-ui-validate")
@@ -109,9 +109,9 @@ async def test_stream_is_valid_ag_ui_with_one_id_event_per_run(producer: Produce
     assert live.summary.errors == 0 and live.summary.warnings == 0, live.diagnostics
     assert live.internal_errors == []
 
-    turns = [turn for turn in backend.turns if turn.turn is not None and turn.turn.thread_id == thread]
+    turns = [turn for turn in backend.runs if turn.run is not None and turn.run.thread_id == thread]
     assert [turn.trace_id for turn in turns[:2]] == [*first.trace_ids, *second.trace_ids]
-    assert [turn.turn.turn_number for turn in turns if turn.turn is not None] == [1, 2, 3]
+    assert [turn.run.turn_number for turn in turns if turn.run is not None] == [1, 2, 3]
     assert backend.open_spans() == []
     await obs.aclose()
 

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.testing import RecordedSpan, RecordingBackend
 from tests.support.asgi_driver import drive, sse_app
 from tests.support.pair import ends_of, strip_ids
-from tests.support.recording_backend import RecordedSpan, RecordingBackend
 
 SETTINGS = settings(
     max_examples=120,
@@ -152,7 +152,7 @@ def request(thread: str = "t", run: str = "r") -> bytes:
 
 def summary(span: RecordedSpan) -> tuple[Any, ...]:
     """What a span records, without its (random) trace id."""
-    turn = span.turn
+    turn = span.run
     about = (turn.thread_id, turn.run_id, turn.user_id, turn.turn_number, turn.input) if turn else None
     return (
         span.name,
@@ -177,7 +177,7 @@ def traced(chunks: list[bytes], end: str = "empty") -> tuple[bytes, Any, Any]:
     )
     driven = asyncio.run(drive(app, [request()]))
     assert driven.status == 200
-    return driven.body, [summary(turn) for turn in backend.turns], backend
+    return driven.body, [summary(turn) for turn in backend.runs], backend
 
 
 @SETTINGS
@@ -195,8 +195,8 @@ def test_any_chunking_traces_the_same_and_changes_no_byte(data: st.DataObject) -
     assert strip_ids(whole_output)[0] == stream
     run_starts = ends_of(stream, "RUN_STARTED")
     assert [position for position, _ in found] == run_starts
-    assert [trace_id for _, trace_id in found] == [turn.trace_id for turn in backend.turns]
-    assert len(backend.turns) == len(run_starts)
+    assert [trace_id for _, trace_id in found] == [turn.trace_id for turn in backend.runs]
+    assert len(backend.runs) == len(run_starts)
     assert backend.open_spans() == []
 
 
@@ -258,7 +258,7 @@ def test_arbitrary_request_bytes_pass_through_untouched(body: list[bytes], user:
     stripped, found = strip_ids(driven.body)
     assert stripped == b"".join(run)
     assert [position for position, _ in found] == ends_of(stripped, "RUN_STARTED")
-    [turn] = backend.turns
-    assert turn.turn is not None and (turn.turn.thread_id, turn.turn.run_id) == ("t", "r")
+    [turn] = backend.runs
+    assert turn.run is not None and (turn.run.thread_id, turn.run.run_id) == ("t", "r")
     assert turn.output == "hi" and turn.error is None
     assert backend.open_spans() == []

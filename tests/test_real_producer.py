@@ -28,6 +28,7 @@ from ag_ui_validate.pytest_plugin import assert_valid_agui, validate_agui_endpoi
 from pydantic_ai.ui.ag_ui import AGUIAdapter
 
 from ambient_tracing import Observability, TracingMiddleware, trace_agui_stream
+from ambient_tracing.testing import RecordedSpan, RecordingBackend
 from tests.support.agui_app import agui_app, run_input
 from tests.support.pydantic_agent import (
     MODEL_NAME,
@@ -37,7 +38,6 @@ from tests.support.pydantic_agent import (
     weather_app,
     weather_report,
 )
-from tests.support.recording_backend import RecordedSpan, RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(30)
@@ -158,22 +158,22 @@ def shape(turn: RecordedSpan) -> dict[str, Any]:
             "children": [span(child) for child in node.children],
         }
 
-    assert turn.turn is not None
+    assert turn.run is not None
     return {
-        "thread_id": turn.turn.thread_id,
-        "run_id": turn.turn.run_id,
-        "user_id": turn.turn.user_id,
-        "turn_number": turn.turn.turn_number,
+        "thread_id": turn.run.thread_id,
+        "run_id": turn.run.run_id,
+        "user_id": turn.run.user_id,
+        "turn_number": turn.run.turn_number,
         **span(turn),
     }
 
 
 def assert_weather_trace(backend: RecordingBackend, trace_id: str, *, user_id: str | None = None) -> None:
     """The trace of one weather run (thread THREAD, run RUN, asking about CITY)."""
-    assert [turn.trace_id for turn in backend.turns] == [trace_id]
+    assert [turn.trace_id for turn in backend.runs] == [trace_id]
     turn = backend.by_trace(trace_id)
-    assert turn.turn is not None
-    assert (turn.turn.thread_id, turn.turn.run_id, turn.turn.user_id) == (THREAD, RUN, user_id)
+    assert turn.run is not None
+    assert (turn.run.thread_id, turn.run.run_id, turn.run.user_id) == (THREAD, RUN, user_id)
     assert turn.name == "llm_interaction"
     assert turn.input == PROMPT
     assert turn.output == answer_text(CITY)
@@ -244,7 +244,7 @@ async def test_live_endpoint_passes_ag_ui_validate(traced: Traced) -> None:
     assert report.internal_errors == []
     assert report.event_count == len(EXPECTED_TYPES) + 1
     assert "AGUI505" not in {skip.rule for skip in report.skipped}  # the content-type rule ran
-    assert len(traced.backend.turns) == 1
+    assert len(traced.backend.runs) == 1
 
 
 async def test_exactly_one_trace_id_right_after_run_started(traced: Traced) -> None:
@@ -258,7 +258,7 @@ async def test_exactly_one_trace_id_right_after_run_started(traced: Traced) -> N
     assert isinstance(announced["timestamp"], int)
     assert events[0]["timestamp"] <= announced["timestamp"] <= events[2]["timestamp"] + 1000
     assert raw.count(b"ambient:trace_id") == 1
-    assert trace_id == traced.backend.turns[0].trace_id
+    assert trace_id == traced.backend.runs[0].trace_id
 
 
 async def test_trace_records_the_run(traced: Traced) -> None:
@@ -333,7 +333,7 @@ async def test_generator_door_traces_the_same_run(traced: Traced) -> None:
 
     # The HTTP door, on the same request, records the same trace.
     await post_raw(traced.url, body, headers={"x-current-user-id": "user-7"})
-    assert shape(traced.backend.turns[0]) == shape(backend.turns[0])
+    assert shape(traced.backend.runs[0]) == shape(backend.runs[0])
 
     # Encoded by pydantic-ai's own encoder, the generator door's output is what the middleware sends.
     reencoded = "".join([chunk async for chunk in adapter.encode_stream(_replay(received))]).encode()

@@ -14,26 +14,19 @@ from typing import Any
 
 import pytest
 
-from ambient_tracing import (
-    ModelPrice,
-    Observability,
-    Pricing,
-    StreamTracer,
-    TracingConfig,
-    TracingMiddleware,
-    default_tool_category,
-    tool_failure_reason,
-)
+from ambient_tracing import ModelPrice, Observability, TracingConfig, TracingMiddleware
 from ambient_tracing.backends.base import TokenUsage
 from ambient_tracing.privacy import REDACTED
 from ambient_tracing.session_metrics.metrics import SessionMetrics
-from ambient_tracing.session_metrics.pricing import TokenCounts
+from ambient_tracing.session_metrics.pricing import Pricing, TokenCounts
+from ambient_tracing.testing import RecordingBackend
+from ambient_tracing.tool_signals import default_tool_category, tool_failure_reason
+from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,7 +144,7 @@ EXPECTED_COUNTS: dict[str, Any] = {
 
 def feed(obs: Observability, runs: list[list[dict[str, Any]]], *, user: str = "alice") -> None:
     for events in runs:
-        tracer = StreamTracer(obs, RunRequest(thread_id=events[0]["threadId"], user_id=user))
+        tracer = StreamTracer(obs.runs, RunRequest(thread_id=events[0]["threadId"], user_id=user))
         for event in events:
             tracer.on_event(event)
         tracer.close()
@@ -222,7 +215,7 @@ async def test_aclose_reports_every_active_thread_before_flushing_and_only_those
     feed(obs, conversation("b")[1:2])
     feed(obs, conversation("c")[:1])
     await obs.end_session("c")  # already reported: nothing more at shutdown
-    open_run = StreamTracer(obs, RunRequest(thread_id="d"))
+    open_run = StreamTracer(obs.runs, RunRequest(thread_id="d"))
     open_run.on_event({"type": "RUN_STARTED", "threadId": "d", "runId": "r"})
     open_run.on_event(_tool("x", "Read")[0])
 
@@ -241,7 +234,7 @@ async def test_an_idle_thread_is_reported_once_and_a_running_one_not_at_all() ->
     backend = RecordingBackend()
     obs = Observability([backend], session_idle_seconds=0.2)
     feed(obs, conversation("idle")[:1])
-    running = StreamTracer(obs, RunRequest(thread_id="busy"))
+    running = StreamTracer(obs.runs, RunRequest(thread_id="busy"))
     running.on_event({"type": "RUN_STARTED", "threadId": "busy", "runId": "r"})
 
     await until(lambda: len(backend.records) == 1)

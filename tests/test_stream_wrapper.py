@@ -20,8 +20,8 @@ from ag_ui.core import (
 )
 
 from ambient_tracing import Observability, trace_agui_stream
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import run_input, scripted_run
-from tests.support.recording_backend import RecordingBackend
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -55,7 +55,7 @@ async def test_yields_the_same_objects_plus_an_id_event_after_run_started() -> N
     out = await collect(trace_agui_stream(source(events), observability=obs, run_input=run_input("t", "r")))
     assert [event for event in out if not is_id_event(event)] == events
     assert all(a is b for a, b in zip([e for e in out if not is_id_event(e)], events, strict=True))
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert out[0] is events[0] and is_id_event(out[1])
     assert isinstance(out[1], CustomEvent) and out[1].value == {"traceId": turn.trace_id}
     assert out[1].type is EventType.CUSTOM and isinstance(out[1].timestamp, int)
@@ -74,8 +74,8 @@ async def test_each_run_of_the_stream_gets_its_id_event() -> None:
     positions = [index for index, event in enumerate(out) if is_id_event(event)]
     starts = [index for index, event in enumerate(out) if event.type is EventType.RUN_STARTED]
     assert positions == [start + 1 for start in starts]
-    assert [out[p].value["traceId"] for p in positions] == [turn.trace_id for turn in backend.turns]  # type: ignore[attr-defined]
-    assert len({turn.trace_id for turn in backend.turns}) == 2
+    assert [out[p].value["traceId"] for p in positions] == [turn.trace_id for turn in backend.runs]  # type: ignore[attr-defined]
+    assert len({turn.trace_id for turn in backend.runs}) == 2
 
 
 async def test_run_input_model_user_and_thread() -> None:
@@ -94,9 +94,9 @@ async def test_run_input_model_user_and_thread() -> None:
         RunFinishedEvent(type=EventType.RUN_FINISHED, thread_id="t-model", run_id="r-model"),
     ]
     await collect(trace_agui_stream(source(events), obs, run, user_id="u-1", user_name="Grace"))
-    [turn] = backend.turns
-    assert turn.turn is not None
-    assert (turn.turn.thread_id, turn.turn.user_id, turn.turn.user_name) == ("t-model", "u-1", "Grace")
+    [turn] = backend.runs
+    assert turn.run is not None
+    assert (turn.run.thread_id, turn.run.user_id, turn.run.user_name) == ("t-model", "u-1", "Grace")
     assert turn.input == "hi from a model"
 
 
@@ -120,7 +120,7 @@ async def test_consumer_stopping_early_ends_every_span_as_cancelled() -> None:
         await events.aclose()
     assert is_id_event(seen[1])
     assert closed == [True]  # the source generator was closed too
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert not backend.open_spans()
     assert turn.error == "cancelled: the consumer stopped reading"
     assert turn.find("step_plan").error == "run ended: cancelled: the consumer stopped reading"
@@ -161,7 +161,7 @@ async def test_consumer_task_cancelled_ends_every_span() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert not backend.open_spans()
     assert turn.error is not None and "Cancelled" in turn.error
 
@@ -177,7 +177,7 @@ async def test_source_raising_ends_spans_with_error_and_reraises() -> None:
                 out.append(event)
     assert raised.value is failure
     assert [event for event in out if not is_id_event(event)] == events
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert not backend.open_spans()
     assert turn.error == "RuntimeError: model unavailable"
     assert turn.find("tool_search").error == "run ended: RuntimeError: model unavailable"
@@ -212,5 +212,5 @@ async def test_events_with_extra_and_odd_fields_never_break_the_stream() -> None
     ]
     out = await collect(trace_agui_stream(source(events), observability=obs))
     assert [event for event in out if not is_id_event(event)] == events
-    [turn] = backend.turns
+    [turn] = backend.runs
     assert turn.output == "ok" and turn.error is None and not backend.open_spans()

@@ -22,11 +22,11 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.backends.base import RunStart
 from ambient_tracing.ids import new_trace_id, parse_trace_id, sampled, trace_id_from_seed
+from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
-from tests.support.recording_backend import RecordingBackend
 from tests.support.server import serve
 
 HANG_SECONDS = 10.0
@@ -112,10 +112,10 @@ async def test_a_hanging_sdk_at_turn_opening_delays_neither_the_stream_nor_other
             assert [t for t in streamed.types if t != "CUSTOM"] == expected  # the run streamed intact
             assert parse_trace_id(trace_id) == trace_id
         backend.release.set()
-        assert await asyncio.to_thread(obs._span_worker.drain, 15)
-        assert [turn.trace_id for turn in backend.turns] == [first.trace_ids[0], second.trace_ids[0]]
+        assert await asyncio.to_thread(obs.spans.worker.drain, 15)
+        assert [turn.trace_id for turn in backend.runs] == [first.trace_ids[0], second.trace_ids[0]]
         assert backend.opened_on == {"ambient-tracing-spans"}
-        assert all(turn.ended == 1 for turn in backend.turns)
+        assert all(turn.ended == 1 for turn in backend.runs)
     finally:
         backend.release.set()
         await obs.aclose()
@@ -125,7 +125,7 @@ async def test_a_caller_chosen_trace_id_is_used_and_an_invalid_one_replaced() ->
     backend = RecordingBackend()
     obs = Observability([backend])
     chosen = "4bf92f3577b34da6a3ce929d0e0e4736"
-    turn = obs.open_turn(
+    turn = obs.runs.open(
         thread_id="t",
         run_id="r",
         user_id=None,
@@ -133,8 +133,8 @@ async def test_a_caller_chosen_trace_id_is_used_and_an_invalid_one_replaced() ->
         input="x",
         trace_id=f"00-{chosen}-00f067aa0ba902b7-01",
     )
-    assert turn is not None and turn.trace_id == chosen == backend.turns[0].trace_id
-    other = obs.open_turn(
+    assert turn is not None and turn.trace_id == chosen == backend.runs[0].trace_id
+    other = obs.runs.open(
         thread_id="t", run_id="r2", user_id=None, user_name=None, input="x", trace_id="not-an-id"
     )
     assert other is not None and other.trace_id != chosen and parse_trace_id(other.trace_id) == other.trace_id
@@ -193,16 +193,16 @@ async def test_a_root_opened_late_on_the_span_worker_still_starts_before_its_chi
     await asyncio.to_thread(mlflow_side.setup)
     obs = Observability([langfuse_side, mlflow_side])
     busy = threading.Event()
-    obs._span_worker.submit(lambda: busy.wait(5))
+    obs.spans.worker.submit(lambda: busy.wait(5))
     try:
-        turn = obs.open_turn(thread_id="t-late", run_id="r", user_id=None, user_name=None, input="hi")
+        turn = obs.runs.open(thread_id="t-late", run_id="r", user_id=None, user_name=None, input="hi")
         assert turn is not None
         tool = turn.span.start_child("tool_x", "tool")
         await asyncio.sleep(0.05)  # the worker opens the roots at least this much after the tool began
         busy.set()
         tool.end(output="ok")
         turn.span.end(output="done")
-        assert await asyncio.to_thread(obs._span_worker.drain, 15)
+        assert await asyncio.to_thread(obs.spans.worker.drain, 15)
         trace = await asyncio.to_thread(
             wait_for_trace, mlflow_side.tracking_uri, turn.trace_id, lambda t: len(t.data.spans) == 2
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 DEFAULT_RUNNER_TYPE = "claude-agent-sdk"
 DEFAULT_EXPERIMENT_NAME = "ambient-code-sessions"
@@ -180,7 +180,7 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
         return default
     if raw.isdigit() and int(raw) > 0:
         return int(raw)
-    logger.warning("ambient-tracing: %s=%r is not a positive whole number; using %d", name, raw, default)
+    logger.warning("%s=%r is not a positive whole number; using %d", name, raw, default)
     return default
 
 
@@ -197,7 +197,7 @@ def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     if raw in _TRUE:
         return True
     if raw not in _FALSE:
-        logger.warning("ambient-tracing: %s=%r is not a boolean; using %s", name, raw, default)
+        logger.warning("%s=%r is not a boolean; using %s", name, raw, default)
         return default
     return False
 
@@ -224,11 +224,11 @@ def _langfuse_settings(env: Mapping[str, str]) -> LangfuseSettings | None:
         if not value
     ]
     if missing:
-        logger.warning("ambient-tracing: Langfuse tracing is off: %s not set", ", ".join(missing))
+        logger.warning("Langfuse tracing is off: %s not set", ", ".join(missing))
         return None
     if not _is_http_url(host):
         logger.warning(
-            "ambient-tracing: Langfuse tracing is off: LANGFUSE_HOST=%r is not an http(s) URL", host
+            "Langfuse tracing is off: LANGFUSE_HOST=%r is not an http(s) URL", host
         )
         return None
     return LangfuseSettings(
@@ -245,7 +245,7 @@ def _mlflow_settings(env: Mapping[str, str]) -> MlflowSettings | None:
         return None
     uri = env.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
-        logger.warning("ambient-tracing: MLflow tracing is off: MLFLOW_TRACKING_URI not set")
+        logger.warning("MLflow tracing is off: MLFLOW_TRACKING_URI not set")
         return None
     try:
         scheme = urlparse(uri).scheme
@@ -253,7 +253,7 @@ def _mlflow_settings(env: Mapping[str, str]) -> MlflowSettings | None:
         scheme = "?"
     if scheme not in ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", ""):
         logger.warning(
-            "ambient-tracing: MLflow tracing is off: MLFLOW_TRACKING_URI=%r has an unknown scheme", uri
+            "MLflow tracing is off: MLFLOW_TRACKING_URI=%r has an unknown scheme", uri
         )
         return None
     return MlflowSettings(
@@ -271,7 +271,7 @@ def _rate(env: Mapping[str, str], name: str) -> float | None:
     except ValueError:
         rate = -1.0
     if not 0.0 <= rate <= 1.0:
-        logger.warning("ambient-tracing: %s=%r is not a number in [0, 1]; not sampling", name, raw)
+        logger.warning("%s=%r is not a number in [0, 1]; not sampling", name, raw)
         return None
     return rate
 
@@ -281,5 +281,5 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     try:
         return float(raw) if raw else default
     except ValueError:
-        logger.warning("ambient-tracing: %s=%r is not a number of seconds; using %s", name, raw, default)
+        logger.warning("%s=%r is not a number of seconds; using %s", name, raw, default)
         return default

@@ -30,7 +30,7 @@ async def call_detached(action: Callable[[], object], timeout: float, what: str)
         try:
             action()
         except Exception as exc:
-            logger.warning("ambient-tracing: %s failed: %r", what, exc)
+            logger.warning("%s failed: %r", what, exc)
         finally:
             with suppress(RuntimeError):  # the loop is closed already: nobody waits any more
                 loop.call_soon_threadsafe(settle)
@@ -39,6 +39,6 @@ async def call_detached(action: Callable[[], object], timeout: float, what: str)
     try:
         await asyncio.wait_for(done, max(timeout, 0.0))
     except TimeoutError:
-        logger.warning("ambient-tracing: %s did not finish within %.1f s; left behind", what, timeout)
+        logger.warning("%s did not finish within %.1f s; left behind", what, timeout)
         return False
     return True

@@ -56,7 +56,7 @@ def trace_id_or_new(value: str | None) -> str:
         return new_trace_id()
     trace_id = parse_trace_id(value)
     if trace_id is None:
-        logger.warning("ambient-tracing: ignoring invalid trace id %r", value[:100])
+        logger.warning("ignoring invalid trace id %r", value[:100])
         return new_trace_id()
     return trace_id
 

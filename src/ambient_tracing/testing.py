@@ -89,8 +89,14 @@ class RecordedSpan:
         return next(span for span in self.walk() if span.name == name)
 
     def walk(self) -> list[RecordedSpan]:
-        """This span and every span under it, depth first."""
-        return [self, *itertools.chain.from_iterable(child.walk() for child in self.children)]
+        """This span and every span under it, depth first (without recursion: spans nest deep)."""
+        found: list[RecordedSpan] = []
+        pending = [self]
+        while pending:
+            span = pending.pop()
+            found.append(span)
+            pending.extend(reversed(span.children))
+        return found
 
 
 def outliving_spans(root: RecordedSpan) -> list[str]:

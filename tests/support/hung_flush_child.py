@@ -8,9 +8,10 @@ import sys
 import threading
 import time
 
-from ambient_tracing import Observability, StreamTracer
+from ambient_tracing import Observability
+from ambient_tracing.testing import RecordingBackend
+from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
-from tests.support.recording_backend import RecordingBackend
 
 
 class FlushNeverReturns(RecordingBackend):
@@ -20,7 +21,7 @@ class FlushNeverReturns(RecordingBackend):
 
 async def main(flush_timeout: float) -> None:
     obs = Observability([FlushNeverReturns()], flush_timeout=flush_timeout, mask_messages=False)
-    tracer = StreamTracer(obs, RunRequest())
+    tracer = StreamTracer(obs.runs, RunRequest())
     tracer.on_event({"type": "RUN_STARTED", "threadId": "t", "runId": "r"})
     start = time.monotonic()
     await obs.aclose()

@@ -24,7 +24,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ambient_tracing import Observability, TracingMiddleware
-from tests.support.recording_backend import RecordedSpan, RecordingBackend
+from ambient_tracing.testing import RecordedSpan, RecordingBackend
 from tests.support.server import serve
 
 Scenario = Callable[[bytes], Awaitable[Response] | Response]
@@ -118,10 +118,10 @@ class Pair:
     backend: RecordingBackend
     obs: Observability
 
-    def turns(self, thread_id: str) -> list[RecordedSpan]:
+    def runs(self, thread_id: str) -> list[RecordedSpan]:
         """The turns recorded for ``thread_id``, in order."""
         return [
-            turn for turn in self.backend.turns if turn.turn is not None and turn.turn.thread_id == thread_id
+            turn for turn in self.backend.runs if turn.run is not None and turn.run.thread_id == thread_id
         ]
 
     async def ended_turn(self, thread_id: str, timeout: float = 5.0) -> RecordedSpan:
@@ -129,7 +129,7 @@ class Pair:
         before the run's end is traced), waiting at most ``timeout`` seconds."""
         async with asyncio.timeout(timeout):
             while True:
-                turns = self.turns(thread_id)
+                turns = self.runs(thread_id)
                 if len(turns) == 1 and turns[0].ended:
                     return turns[0]
                 await asyncio.sleep(0.01)

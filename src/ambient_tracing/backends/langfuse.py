@@ -54,7 +54,7 @@ from ambient_tracing.backends.rating import Rating
 from ambient_tracing.backends.records import RecordSpan, standalone_record
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "https://cloud.langfuse.com"
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -198,7 +198,7 @@ class LangfuseBackend:
                 if _TRACE_ID.match(run.trace_id.lower()):
                     context = TraceContext(trace_id=run.trace_id.lower())
                 else:
-                    logger.warning("ambient-tracing: ignoring invalid trace id %r", run.trace_id)
+                    logger.warning("ignoring invalid trace id %r", run.trace_id)
             with _scope(props):
                 obs = client.start_observation(
                     name=run.name,
@@ -214,7 +214,7 @@ class LangfuseBackend:
                 _backdate(obs, run.start_time_ns)
             return _LangfuseSpan(obs, props, run.name, "generation", obs.trace_id)
         except Exception:
-            logger.warning("ambient-tracing: Langfuse could not start a turn", exc_info=True)
+            logger.warning("Langfuse could not start a turn", exc_info=True)
             return None
 
     def record_span(
@@ -250,7 +250,7 @@ class LangfuseBackend:
                 )
             obs.end()
         except Exception:
-            logger.warning("ambient-tracing: Langfuse could not record span %r", name, exc_info=True)
+            logger.warning("Langfuse could not record span %r", name, exc_info=True)
 
     needs_trace = False  # a rating without a trace becomes a session score
 
@@ -389,7 +389,7 @@ class _LangfuseSpan:
     def _warn(self, what: str) -> None:
         if not self._warned:
             self._warned = True
-            logger.warning("ambient-tracing: Langfuse could not %s span %r", what, self._name, exc_info=True)
+            logger.warning("Langfuse could not %s span %r", what, self._name, exc_info=True)
 
 
 def _backdate(obs: Any, start_time_ns: int) -> None:
@@ -420,7 +420,7 @@ def _forget_cached_resources(public_key: str | None, only: object = None) -> Non
             if only is None or LangfuseResourceManager._instances.get(public_key) is only:
                 LangfuseResourceManager._instances.pop(public_key, None)
     except Exception:  # pragma: no cover - an SDK without this cache
-        logger.debug("ambient-tracing: no Langfuse resource cache to reset", exc_info=True)
+        logger.debug("no Langfuse resource cache to reset", exc_info=True)
 
 
 def _option(options: Mapping[str, Any], name: str, variable: str, default: float) -> Any:
@@ -435,10 +435,10 @@ def _bounded(action: Callable[[], None], timeout: float, what: str) -> None:
         try:
             action()
         except Exception:
-            logger.warning("ambient-tracing: Langfuse %s failed", what, exc_info=True)
+            logger.warning("Langfuse %s failed", what, exc_info=True)
 
     worker = threading.Thread(target=run, name=f"ambient-tracing-langfuse-{what}", daemon=True)
     worker.start()
     worker.join(max(timeout, 0.0))
     if worker.is_alive():
-        logger.warning("ambient-tracing: Langfuse %s did not finish within %.1f s", what, timeout)
+        logger.warning("Langfuse %s did not finish within %.1f s", what, timeout)

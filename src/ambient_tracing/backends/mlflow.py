@@ -75,7 +75,7 @@ from ambient_tracing.backends.rating import Rating
 from ambient_tracing.backends.records import RecordSpan, SpanRecord, standalone_record
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 10.0
 TRACE_ID_PREFIX = "tr-"
@@ -246,11 +246,11 @@ class MlflowBackend:
                     start_time_ns=run.start_time_ns,
                 )
         except Exception:
-            logger.warning("ambient-tracing: MLflow could not start a turn", exc_info=True)
+            logger.warning("MLflow could not start a turn", exc_info=True)
             return None
         if not isinstance(span, LiveSpan) or span.trace_id != TRACE_ID_PREFIX + trace_id:
             if isinstance(span, LiveSpan):  # MLflow did not take the id: never record a second one
-                logger.warning("ambient-tracing: MLflow did not adopt trace id %s", trace_id)
+                logger.warning("MLflow did not adopt trace id %s", trace_id)
                 with suppress(Exception):
                     span.end(status="ERROR")
             return None  # a NoOpSpan (tracing disabled, sampled out): its id must never reach a client
@@ -312,7 +312,7 @@ class MlflowBackend:
             )
             span.end(outputs=output)
         except Exception:
-            logger.warning("ambient-tracing: MLflow could not record span %r", name, exc_info=True)
+            logger.warning("MLflow could not record span %r", name, exc_info=True)
 
     def flush(self, timeout: float) -> None:
         """Blocking: wait for the OTLP exporter (bounded by ``timeout``), or MLflow's export queue to
@@ -477,7 +477,7 @@ class _MlflowSpan:
         if not self._warned:
             self._warned = True
             logger.warning(
-                "ambient-tracing: MLflow could not %s span %r", what, self._span.name, exc_info=True
+                "MLflow could not %s span %r", what, self._span.name, exc_info=True
             )
 
 

@@ -151,7 +151,7 @@ def encode_counting(records: Iterable[SpanRecord], mapper: SpanMapper) -> tuple[
         try:
             _encode_span(span, record, mapper)
         except Exception:
-            logger.debug("ambient-tracing: span %r could not be encoded", record.name, exc_info=True)
+            logger.debug("span %r could not be encoded", record.name, exc_info=True)
             del spans[-1]
             skipped += 1
     body: bytes = request.SerializeToString()
@@ -243,7 +243,7 @@ class OtlpExporter:
             self.dropped += 1  # deque(maxlen) drops the oldest on append
             if self.dropped == 1:
                 logger.warning(
-                    "ambient-tracing: %s export is behind (%d spans queued); dropping the oldest spans "
+                    "%s export is behind (%d spans queued); dropping the oldest spans "
                     "(counted in .dropped; not logged again)",
                     self.name,
                     queue.maxlen,
@@ -379,7 +379,7 @@ class OtlpExporter:
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            logger.warning("ambient-tracing: %s export: %s", self.name, message)
+            logger.warning("%s export: %s", self.name, message)
 
 
 def wait_all(exporters: Sequence[OtlpExporter], timeout: float) -> bool:

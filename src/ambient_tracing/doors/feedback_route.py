@@ -70,7 +70,7 @@ def feedback_endpoint(
         except ClientDisconnect:
             return Response(status_code=400)
         except Exception:
-            logger.exception("ambient-tracing: feedback not recorded")
+            logger.exception("feedback not recorded")
             return JSONResponse({"error": "the rating could not be recorded; try again"}, status_code=503)
 
     return endpoint

@@ -22,7 +22,7 @@ from ambient_tracing.doors.nesting import inside_middleware, tracing_request
 from ambient_tracing.doors.responder import RunResponder
 from ambient_tracing.observability import Observability
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 UserResolver = Callable[[Scope], "tuple[str | None, str | None]"]
 
@@ -68,7 +68,7 @@ class TracingMiddleware:
                 allow_anonymous=self.feedback_allow_anonymous,
             )
             logger.info(
-                "ambient-tracing: serving feedback at %s ahead of the app's middleware; %s",
+                "serving feedback at %s ahead of the app's middleware; %s",
                 self.feedback_path,
                 "anonymous ratings ARE accepted (feedback_allow_anonymous=True)"
                 if self.feedback_allow_anonymous
@@ -114,7 +114,7 @@ class TracingMiddleware:
                     await asyncio.wait_for(asyncio.shield(observability.start()), self.startup_timeout)
                 except TimeoutError:
                     logger.warning(
-                        "ambient-tracing: backends not ready after %ss; serving, and tracing once ready",
+                        "backends not ready after %ss; serving, and tracing once ready",
                         self.startup_timeout,
                     )
             elif message["type"] == "lifespan.shutdown.complete" and self._owns_observability:

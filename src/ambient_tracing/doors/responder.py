@@ -20,7 +20,7 @@ from ambient_tracing.doors.sse import SseScanner
 from ambient_tracing.observability import Observability
 from ambient_tracing.tracer.handlers import StreamTracer
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 TRACE_ID_EVENT_NAME = "ambient:trace_id"
 
@@ -283,7 +283,7 @@ class RunResponder:
         return tracer
 
     def _stop_tracing(self, exc: Exception) -> None:
-        logger.warning("ambient-tracing: stopped tracing this response after an error: %r", exc)
+        logger.warning("stopped tracing this response after an error: %r", exc)
         self._scanner = None
         self._close(f"tracing error: {exc!r}")
 
@@ -292,7 +292,7 @@ class RunResponder:
             try:
                 self._tracer.close(error)
             except Exception as exc:
-                logger.warning("ambient-tracing: could not end a trace: %r", exc)
+                logger.warning("could not end a trace: %r", exc)
             self._tracer = None
 
 

@@ -149,7 +149,7 @@ class RatingDelivery:
                 finally:
                     store.close()
             except Exception as exc:
-                logger.warning("ambient-tracing: could not release rating leases: %r", exc)
+                logger.warning("could not release rating leases: %r", exc)
 
     @property
     def pending(self) -> int:
@@ -194,11 +194,11 @@ class RatingDelivery:
             store.release_dead_owners()
             import_old_spools(store, sorted(self.sinks), self._legacy)
         except Exception as exc:
-            logger.error("ambient-tracing: the feedback queue %s cannot be used: %r", self.spool, exc)
+            logger.error("the feedback queue %s cannot be used: %r", self.spool, exc)
             return None
         finally:
             self._ready.set()
-        logger.info("ambient-tracing: feedback queue at %s", self.spool)
+        logger.info("feedback queue at %s", self.spool)
         return store
 
     def _commit(self, store: RatingStore | None, batch: list[_Write]) -> None:
@@ -209,7 +209,7 @@ class RatingDelivery:
                 [(rating, names, check, caller) for rating, names, check, caller, _ in batch]
             )
         except Exception as exc:
-            logger.error("ambient-tracing: %d rating(s) not stored: %r", len(batch), exc)
+            logger.error("%d rating(s) not stored: %r", len(batch), exc)
             for *_, future in batch:
                 future.set_exception(StoreFull("the feedback queue cannot store ratings now"))
             return
@@ -240,7 +240,7 @@ class RatingDelivery:
                 due = store.next_due(name)
                 wait = POLL_SECONDS if due is None else min(POLL_SECONDS, max(0.0, due - time.time()))
             except Exception as exc:
-                logger.warning("ambient-tracing: rating delivery to %s paused: %r", name, exc)
+                logger.warning("rating delivery to %s paused: %r", name, exc)
                 wait = POLL_SECONDS
             wake.wait(wait)
             wake.clear()
@@ -271,7 +271,7 @@ class RatingDelivery:
             if rating.trace_id is None and rating.thread_id and self.owners.finders:
                 rating = rating.with_trace(self.owners.latest_trace_id(rating.thread_id))
             if sink.needs_trace and rating.trace_id is None:
-                logger.info("ambient-tracing: rating #%d has no trace; not sent to %s", item.rating_id, name)
+                logger.info("rating #%d has no trace; not sent to %s", item.rating_id, name)
                 store.delivered(item)
                 return
             sink.deliver_rating(rating)
@@ -283,7 +283,7 @@ class RatingDelivery:
             else:
                 store.retry_at(item, now + _backoff(item.attempts))
         except Exception as exc:
-            logger.debug("ambient-tracing: %s rating delivery failed, will retry: %r", name, exc)
+            logger.debug("%s rating delivery failed, will retry: %r", name, exc)
             store.retry_at(item, time.time() + _backoff(item.attempts))
         else:
             store.delivered(item)

@@ -158,7 +158,7 @@ class TraceOwners:
             future = self._workers.submit(lambda: self.lookup(trace_id))
             return await asyncio.wait_for(asyncio.wrap_future(future), LOOKUP_TIMEOUT)
         except Exception as exc:
-            logger.debug("ambient-tracing: owner of trace %s not known now: %r", trace_id, exc)
+            logger.debug("owner of trace %s not known now: %r", trace_id, exc)
             return "unknown"
 
     def latest_trace_id(self, thread_id: str) -> str | None:

@@ -279,7 +279,7 @@ class RatingStore:
 
     def set_aside(self, rating_id: int, sink: str | None, reason: str) -> None:
         """Stop trying ``sink`` (every sink when None) for this rating; keep the row with ``reason``."""
-        logger.warning("ambient-tracing: rating #%d set aside (%s): %s", rating_id, sink or "all", reason)
+        logger.warning("rating #%d set aside (%s): %s", rating_id, sink or "all", reason)
         with self._write() as db:
             if sink is None:
                 db.execute(
@@ -310,7 +310,7 @@ class RatingStore:
         ).fetchall()
         if rows:
             logger.warning(
-                "ambient-tracing: deleting %d old set-aside rating(s) (#%d and older)", len(rows), rows[0][0]
+                "deleting %d old set-aside rating(s) (#%d and older)", len(rows), rows[0][0]
             )
             db.executemany("DELETE FROM ratings WHERE id = ?", rows)
 
@@ -360,7 +360,7 @@ class RatingStore:
                     rating = Rating.from_json(line)
                 except ValueError as exc:
                     logger.warning(
-                        "ambient-tracing: %s line %d is not a rating (%s); set aside", source, number, exc
+                        "%s line %d is not a rating (%s); set aside", source, number, exc
                     )
                     db.execute(
                         "INSERT INTO ratings (rating_key, body, size, created, set_aside)"
@@ -392,7 +392,7 @@ def prepare_location(path: Path) -> None:
     if mode & 0o077 and folder not in _warned:
         _warned.add(folder)
         logger.warning(
-            "ambient-tracing: the feedback queue's folder %s is open to other users (%o); make it 0700",
+            "the feedback queue's folder %s is open to other users (%o); make it 0700",
             folder,
             mode,
         )
@@ -460,7 +460,7 @@ def import_old_spools(store: RatingStore, sinks: Sequence[str], legacy: Sequence
         queued += store.import_lines(mine.read_bytes().splitlines(), sinks, candidate.name)
         mine.unlink()
     if queued:
-        logger.info("ambient-tracing: queued %d rating(s) from an earlier JSON-lines spool", queued)
+        logger.info("queued %d rating(s) from an earlier JSON-lines spool", queued)
     return queued
 
 

@@ -39,7 +39,7 @@ class Emitter:
         if not always and self._queue.qsize() >= self._max_queued:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("ambient-tracing: %s is behind; %d jobs dropped", self._name, self.dropped)
+                logger.warning("%s is behind; %d jobs dropped", self._name, self.dropped)
             done.set_result(None)
             return done
         self._queue.put((job, done))
@@ -63,6 +63,6 @@ class Emitter:
             try:
                 job()
             except Exception:
-                logger.warning("ambient-tracing: a %s job failed", self._name, exc_info=True)
+                logger.warning("a %s job failed", self._name, exc_info=True)
             finally:
                 done.set_result(None)

@@ -48,7 +48,7 @@ from ambient_tracing.tool_signals import (
 if TYPE_CHECKING:
     from ambient_tracing.backends.base import TracingBackend
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 SPAN_NAME = "Session Metrics"
 SOURCE = "ambient-runner-metrics"
@@ -153,7 +153,7 @@ class SessionMetrics:
             global _categoriser_warned
             if not _categoriser_warned:  # once per process: it may fail on every call
                 _categoriser_warned = True
-                logger.warning("ambient-tracing: the tool categoriser failed on %r", name, exc_info=True)
+                logger.warning("the tool categoriser failed on %r", name, exc_info=True)
             category = default_tool_category(name)
         category = _bounded_key(self.tool_calls, category)
         self.tool_calls[category] = self.tool_calls.get(category, 0) + 1
@@ -467,7 +467,7 @@ class SessionReporter:
         try:
             reported = self.sweep(limit=MAX_SWEEP_PER_TICK)
         except Exception:  # pragma: no cover - a report must never break the loop
-            logger.warning("ambient-tracing: session metrics sweep failed", exc_info=True)
+            logger.warning("session metrics sweep failed", exc_info=True)
         if self._sessions:
             # A full tick may have left idle threads behind: look again soon, after other work.
             self._arm(0.001 if reported == MAX_SWEEP_PER_TICK else None)
@@ -520,4 +520,4 @@ class SessionReporter:
                     metadata=metadata,
                 )
             except Exception as exc:
-                logger.warning("ambient-tracing: %s could not record session metrics: %r", backend.name, exc)
+                logger.warning("%s could not record session metrics: %r", backend.name, exc)

@@ -29,7 +29,7 @@ from ambient_tracing.backends.base import RunStart, Span, SpanKind, TokenUsage, 
 from ambient_tracing.spans.fanout import FanoutSpan
 from ambient_tracing.spans.outgoing import OutgoingSpan
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 
 MAX_BACKLOG = 20_000
 
@@ -113,7 +113,7 @@ class SpanWorker:
         except Exception as exc:  # backends guard their own calls; this is a last resort
             if not self._warned:
                 self._warned = True
-                logger.warning("ambient-tracing: a deferred span call failed: %r", exc)
+                logger.warning("a deferred span call failed: %r", exc)
 
 
 class DeferredSpan:
@@ -200,5 +200,5 @@ def _start_run(backend: TracingBackend, run: RunStart) -> Span | None:
     try:
         return backend.start_run(run)
     except Exception as exc:  # a backend must never break the app
-        logger.warning("ambient-tracing: %s could not start a run: %r", backend.name, exc)
+        logger.warning("%s could not start a run: %r", backend.name, exc)
         return None

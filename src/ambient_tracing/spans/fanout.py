@@ -12,7 +12,7 @@ from typing import Any
 
 from ambient_tracing.backends.base import Span, SpanKind, TokenUsage
 
-logger = logging.getLogger("ambient_tracing")
+logger = logging.getLogger(__name__)
 _warned_backends: set[str] = set()
 
 
@@ -23,7 +23,7 @@ def _guarded(span: Span, operation: Callable[[Span], Any]) -> Any:
         kind = type(span).__module__
         if kind not in _warned_backends:
             _warned_backends.add(kind)
-            logger.warning("ambient-tracing: %s failed and was skipped: %r", kind, exc)
+            logger.warning("%s failed and was skipped: %r", kind, exc)
         return None
 
 

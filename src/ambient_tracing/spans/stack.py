@@ -57,6 +57,7 @@ class SpanStack:
 
 
 def _accepts(backend: TracingBackend, trace_id: str) -> bool:
-    with capture_internal_exceptions(logger, f"{backend.name} could not tell whether it records a run"):
+    what = f"{backend.name} could not tell whether it records a run"
+    with capture_internal_exceptions(logger, what, once=f"accepts:{backend.name}"):
         return bool(backend.accepts(trace_id))
     return False
