@@ -46,6 +46,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples
 	$(VENV)/bin/ruff format --check src
 	$(VENV)/bin/mypy
+	# The layers (doors > wiring > tracer > spans, feedback, session metrics > backends) and no cycles.
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) examples/*/node_modules ambient-demo .pytest_cache .mypy_cache .ruff_cache

@@ -227,9 +227,7 @@ def _langfuse_settings(env: Mapping[str, str]) -> LangfuseSettings | None:
         logger.warning("Langfuse tracing is off: %s not set", ", ".join(missing))
         return None
     if not _is_http_url(host):
-        logger.warning(
-            "Langfuse tracing is off: LANGFUSE_HOST=%r is not an http(s) URL", host
-        )
+        logger.warning("Langfuse tracing is off: LANGFUSE_HOST=%r is not an http(s) URL", host)
         return None
     return LangfuseSettings(
         public_key=env["LANGFUSE_PUBLIC_KEY"],
@@ -252,9 +250,7 @@ def _mlflow_settings(env: Mapping[str, str]) -> MlflowSettings | None:
     except ValueError:
         scheme = "?"
     if scheme not in ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks", ""):
-        logger.warning(
-            "MLflow tracing is off: MLFLOW_TRACKING_URI=%r has an unknown scheme", uri
-        )
+        logger.warning("MLflow tracing is off: MLFLOW_TRACKING_URI=%r has an unknown scheme", uri)
         return None
     return MlflowSettings(
         tracking_uri=uri,

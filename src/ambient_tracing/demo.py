@@ -52,7 +52,8 @@ _WEATHER = {"lisbon": "21°C and sunny", "oslo": "4°C and light rain"}
 
 
 def scripted_agent(thread_id: str, run_id: str, question: str) -> list[BaseEvent]:
-    """One run of a pretend agent: a weather tool call with its result, then an answer, then usage."""
+    """One run of a pretend agent: a weather tool call with its result, then an answer, then usage.
+    Long because it is the script itself, one event per line."""
     city = next((name for name in _WEATHER if name in question.lower()), None)
     call_id, message_id = f"call-{run_id[:8]}", f"msg-{run_id[:8]}"
     events: list[BaseEvent] = [

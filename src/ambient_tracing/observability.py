@@ -101,6 +101,7 @@ class Observability:
         feedback_retry_seconds: float = DEFAULT_TRACE_WAIT_SECONDS,
         feedback_limits: FeedbackLimits | None = None,
     ) -> None:
+        """Long because it is the wiring: each statement builds one part from the options."""
         self.backends: tuple[TracingBackend, ...] = tuple(backends)
         self._setup_lock = threading.Lock()
         self._setup: Future[None] | None = None

@@ -52,6 +52,7 @@ from ambient_tracing.backends.otlp import (
 )
 from ambient_tracing.backends.rating import Rating
 from ambient_tracing.backends.records import RecordSpan, standalone_record
+from ambient_tracing.failures import first_time
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class LangfuseBackend:
         client: Langfuse | None = None,
         **client_options: Any,
     ) -> None:
+        """Long because it is the constructor: each step is one setting of the client or exporter."""
         self._flush_timeout = flush_timeout
         self._provider: TracerProvider | None = None
         self._closed = False
@@ -315,7 +317,6 @@ class _LangfuseSpan:
         self._name = name
         self._generation = as_type in GENERATION_LIKE
         self._ended = obs is None
-        self._warned = False
         self._trace_id = trace_id
 
     @property
@@ -387,8 +388,7 @@ class _LangfuseSpan:
             self._warn("end")
 
     def _warn(self, what: str) -> None:
-        if not self._warned:
-            self._warned = True
+        if first_time(logger, f"span {what}"):
             logger.warning("Langfuse could not %s span %r", what, self._name, exc_info=True)
 
 

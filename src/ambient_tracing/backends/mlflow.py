@@ -73,6 +73,7 @@ from ambient_tracing.backends.mlflow_otlp import (
 from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ambient_tracing.backends.rating import Rating
 from ambient_tracing.backends.records import RecordSpan, SpanRecord, standalone_record
+from ambient_tracing.failures import first_time
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
 logger = logging.getLogger(__name__)
@@ -211,28 +212,7 @@ class MlflowBackend:
             if not sampled(trace_id, _sampling_ratio()) or not mlflow_provider.is_tracing_enabled():
                 return None
             return RecordSpan.open_run(replace(run, trace_id=trace_id), (self.span_sink,))
-        tags = {
-            "ambient.thread_id": run.thread_id,
-            "ambient.run_id": run.run_id,
-            # The origin runner's trace tags (its session is the AG-UI thread).
-            "ambient.session_id": run.thread_id,
-            "ambient.user_id": run.user_id,
-            **context_tags(run.attributes or {}),
-        }
-        metadata = {
-            TraceMetadataKey.TRACE_SESSION: fit_session(run.thread_id),
-            TraceMetadataKey.TRACE_USER: run.user_id,
-            "user_name": run.user_name,
-            **context_metadata(run.attributes or {}),
-        }
-        attributes = {
-            **fit_conversation(run.attributes or {}),
-            "ambient.runner_type": run.runner_type,
-            "ambient.session_id": run.thread_id,
-            "ambient.user_id": run.user_id,
-            "ambient.user_name": run.user_name,
-            "ambient.turn": run.turn_number,
-        }
+        tags, metadata, attributes = _root_fields(run)
         try:
             with _ChosenTraceIds.next(trace_id):
                 span = mlflow.start_span_no_context(
@@ -281,25 +261,7 @@ class MlflowBackend:
                     standalone_record(trace_id, name, run, input=input, output=output, attributes=attributes)
                 )
             return
-        source = (metadata or {}).get("source")
-        tags = {
-            "ambient.thread_id": thread_id,
-            "ambient.source": source if isinstance(source, str) else None,
-            "ambient.session_id": thread_id,
-            "ambient.user_id": user_id,
-            **context_tags(metadata or {}),
-        }
-        trace_metadata = {
-            TraceMetadataKey.TRACE_SESSION: fit_session(thread_id),
-            TraceMetadataKey.TRACE_USER: user_id,
-            **context_metadata(metadata or {}),
-        }
-        attributes = {
-            **(metadata or {}),
-            "ambient.runner_type": runner_type,
-            "ambient.session_id": thread_id,
-            "ambient.user_id": user_id,
-        }
+        tags, trace_metadata, attributes = _standalone_fields(thread_id, user_id, runner_type, metadata or {})
         try:
             span = mlflow.start_span_no_context(
                 name,
@@ -401,16 +363,69 @@ class MlflowBackend:
         return traces[0].info.trace_id.removeprefix(TRACE_ID_PREFIX) if traces else None
 
 
+def _root_fields(run: RunStart) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The tags, trace metadata and attributes of a run's root span (the origin runner's names)."""
+    context = run.attributes or {}
+    tags = {
+        "ambient.thread_id": run.thread_id,
+        "ambient.run_id": run.run_id,
+        # The origin runner's trace tags (its session is the AG-UI thread).
+        "ambient.session_id": run.thread_id,
+        "ambient.user_id": run.user_id,
+        **context_tags(context),
+    }
+    metadata = {
+        TraceMetadataKey.TRACE_SESSION: fit_session(run.thread_id),
+        TraceMetadataKey.TRACE_USER: run.user_id,
+        "user_name": run.user_name,
+        **context_metadata(context),
+    }
+    attributes = {
+        **fit_conversation(context),
+        "ambient.runner_type": run.runner_type,
+        "ambient.session_id": run.thread_id,
+        "ambient.user_id": run.user_id,
+        "ambient.user_name": run.user_name,
+        "ambient.turn": run.turn_number,
+    }
+    return tags, metadata, attributes
+
+
+def _standalone_fields(
+    thread_id: str, user_id: str | None, runner_type: str, metadata: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The tags, trace metadata and attributes of a span recorded as its own trace (Session Metrics)."""
+    source = metadata.get("source")
+    tags = {
+        "ambient.thread_id": thread_id,
+        "ambient.source": source if isinstance(source, str) else None,
+        "ambient.session_id": thread_id,
+        "ambient.user_id": user_id,
+        **context_tags(metadata),
+    }
+    trace_metadata = {
+        TraceMetadataKey.TRACE_SESSION: fit_session(thread_id),
+        TraceMetadataKey.TRACE_USER: user_id,
+        **context_metadata(metadata),
+    }
+    attributes = {
+        **metadata,
+        "ambient.runner_type": runner_type,
+        "ambient.session_id": thread_id,
+        "ambient.user_id": user_id,
+    }
+    return tags, trace_metadata, attributes
+
+
 class _MlflowSpan:
     """One open MLflow span. Never raises; warns once."""
 
-    __slots__ = ("_ended", "_span", "_trace_id", "_warned")
+    __slots__ = ("_ended", "_span", "_trace_id")
 
     def __init__(self, span: LiveSpan, trace_id: str) -> None:
         self._span = span
         self._trace_id = trace_id
         self._ended = False
-        self._warned = False
 
     @property
     def trace_id(self) -> str:
@@ -474,11 +489,8 @@ class _MlflowSpan:
                 span.end(end_time_ns=end_time_ns)
 
     def _warn(self, what: str) -> None:
-        if not self._warned:
-            self._warned = True
-            logger.warning(
-                "MLflow could not %s span %r", what, self._span.name, exc_info=True
-            )
+        if first_time(logger, f"span {what}"):
+            logger.warning("MLflow could not %s span %r", what, self._span.name, exc_info=True)
 
 
 class _ChosenTraceIds(IdGenerator):

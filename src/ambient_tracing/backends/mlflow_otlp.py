@@ -147,7 +147,8 @@ class MlflowMapper:
 
     @staticmethod
     def _trace_level(record: SpanRecord) -> dict[str, Any]:
-        """Root span: the turn's attributes, the trace tags, session and user."""
+        """Root span: the run's attributes, the trace tags, session and user. Long because it is one
+        table of the origin runner's names, kept together."""
         run = record.run
         if record.standalone:
             source = (record.attributes or {}).get("source")

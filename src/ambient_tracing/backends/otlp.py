@@ -30,6 +30,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from ambient_tracing.backends.records import SpanRecord, outgoing_record
+from ambient_tracing.failures import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class OtlpExporter:
         compress: bool = True,
         on_exported: Callable[[Sequence[SpanRecord]], None] | None = None,
     ) -> None:
+        """Long because it is the constructor: one line per setting of the queue and the connection."""
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {endpoint!r}")
@@ -228,7 +230,6 @@ class OtlpExporter:
         self._waiters: list[threading.Event] = []
         self._thread: threading.Thread | None = None
         self._connection: http.client.HTTPConnection | None = None
-        self._warned: set[str] = set()
         self._stuck = False
         self._on_exported = on_exported
         self.exported = 0
@@ -377,9 +378,7 @@ class OtlpExporter:
                 connection.close()
 
     def _warn(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning("%s export: %s", self.name, message)
+        warn_once(logger, f"{self.name}:{key}", "%s export: %s", self.name, message)
 
 
 def wait_all(exporters: Sequence[OtlpExporter], timeout: float) -> bool:

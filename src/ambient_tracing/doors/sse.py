@@ -76,6 +76,8 @@ class SseScanner:
         return None
 
     def feed(self, chunk: bytes) -> list[Frame]:
+        """The frames that ended in ``chunk``. Long because it is the hot path, kept flat: the
+        common case first (one LF-framed frame per chunk), then the general scan over the buffer."""
         if not chunk:
             return []
         if self._bom is not None:

@@ -34,6 +34,8 @@ async def trace_agui_stream(
     consumer stops early, the run is ended as cancelled and ``events`` is closed too. Inside a
     request that :class:`~ambient_tracing.TracingMiddleware` traces, events pass through untouched
     (the middleware records the run and sends its id once).
+
+    Long because a generator's cleanup has to sit where ``GeneratorExit`` arrives, in one frame.
     """
     if not observability.enabled or request_traced():  # behind TracingMiddleware: it traces the bytes
         try:

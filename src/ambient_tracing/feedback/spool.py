@@ -29,13 +29,13 @@ from pathlib import Path
 
 from ambient_tracing.backends.rating import Rating
 from ambient_tracing.config import FeedbackLimits
+from ambient_tracing.failures import warn_once
 
 logger = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 LEASE_SECONDS = 300.0
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_warned: set[Path] = set()  # folders already warned about (once per process)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ratings (
@@ -309,9 +309,7 @@ class RatingStore:
             (self.limits.max_set_aside, self.limits.max_bytes),
         ).fetchall()
         if rows:
-            logger.warning(
-                "deleting %d old set-aside rating(s) (#%d and older)", len(rows), rows[0][0]
-            )
+            logger.warning("deleting %d old set-aside rating(s) (#%d and older)", len(rows), rows[0][0])
             db.executemany("DELETE FROM ratings WHERE id = ?", rows)
 
     def release(self, owner: str) -> None:
@@ -359,9 +357,7 @@ class RatingStore:
                 try:
                     rating = Rating.from_json(line)
                 except ValueError as exc:
-                    logger.warning(
-                        "%s line %d is not a rating (%s); set aside", source, number, exc
-                    )
+                    logger.warning("%s line %d is not a rating (%s); set aside", source, number, exc)
                     db.execute(
                         "INSERT INTO ratings (rating_key, body, size, created, set_aside)"
                         " VALUES ('', ?, ?, ?, ?)",
@@ -389,9 +385,10 @@ def prepare_location(path: Path) -> None:
     if not folder.exists():
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = stat.S_IMODE(folder.stat().st_mode)
-    if mode & 0o077 and folder not in _warned:
-        _warned.add(folder)
-        logger.warning(
+    if mode & 0o077:
+        warn_once(
+            logger,
+            f"open:{folder}",
             "the feedback queue's folder %s is open to other users (%o); make it 0700",
             folder,
             mode,

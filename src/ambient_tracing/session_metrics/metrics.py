@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ambient_tracing.backends.base import TokenUsage
 from ambient_tracing.config import DEFAULT_SESSION_IDLE_SECONDS, UNKNOWN
+from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.privacy import mask as mask_value
 from ambient_tracing.privacy import mask_id
 from ambient_tracing.session_metrics.emitter import Emitter
@@ -58,8 +59,6 @@ RUN_CATEGORY = "run"  # failures of a RUN_ERROR with no tool call open
 MAX_SWEEP_PER_TICK = 64
 _MAX_KEYS = 100  # categories, reasons per category and models kept per report; the rest count as "other"
 _OTHER = "other"
-
-_categoriser_warned = False
 
 
 # -- the accumulator -------------------------------------------------------------------------------
@@ -147,13 +146,10 @@ class SessionMetrics:
 
     def tool_started(self, call_id: str, name: str) -> None:
         self._touch()
-        try:
+        category = None
+        with capture_internal_exceptions(logger, "the tool categoriser failed", once="categoriser"):
             category = str(self._categorise(name)) or name
-        except Exception:
-            global _categoriser_warned
-            if not _categoriser_warned:  # once per process: it may fail on every call
-                _categoriser_warned = True
-                logger.warning("the tool categoriser failed on %r", name, exc_info=True)
+        if category is None:
             category = default_tool_category(name)
         category = _bounded_key(self.tool_calls, category)
         self.tool_calls[category] = self.tool_calls.get(category, 0) + 1

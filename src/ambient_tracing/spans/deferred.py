@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ambient_tracing.backends.base import RunStart, Span, SpanKind, TokenUsage, TracingBackend
+from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.spans.fanout import FanoutSpan
 from ambient_tracing.spans.outgoing import OutgoingSpan
 
@@ -55,7 +56,6 @@ class SpanWorker:
         self._max_backlog = max_backlog
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._warned = False
         self._closed = False
         _workers.add(self)
 
@@ -108,12 +108,9 @@ class SpanWorker:
                 self._run(item)
 
     def _run(self, call: Call) -> None:
-        try:
+        # Backends guard their own calls; this is a last resort.
+        with capture_internal_exceptions(logger, "a deferred span call failed", once="span call"):
             call()
-        except Exception as exc:  # backends guard their own calls; this is a last resort
-            if not self._warned:
-                self._warned = True
-                logger.warning("a deferred span call failed: %r", exc)
 
 
 class DeferredSpan:

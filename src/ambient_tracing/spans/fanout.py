@@ -11,19 +11,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ambient_tracing.backends.base import Span, SpanKind, TokenUsage
+from ambient_tracing.failures import warn_once
 
 logger = logging.getLogger(__name__)
-_warned_backends: set[str] = set()
 
 
 def _guarded(span: Span, operation: Callable[[Span], Any]) -> Any:
+    # capture_internal_exceptions, written out: this runs for every span operation.
     try:
         return operation(span)
-    except Exception as exc:  # a backend must never break the app
-        kind = type(span).__module__
-        if kind not in _warned_backends:
-            _warned_backends.add(kind)
-            logger.warning("%s failed and was skipped: %r", kind, exc)
+    except Exception as exc:
+        warn_once(logger, type(span).__module__, "%s failed and was skipped: %r", type(span).__module__, exc)
         return None
 
 

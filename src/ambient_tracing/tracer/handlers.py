@@ -253,20 +253,7 @@ class StreamTracer:
         self._run = None
         if run.metrics is not None:
             run.metrics.run_ended(usage)
-        child_error = f"run ended: {error}" if error else None
-        for call in run.tools.values():
-            self._record_arguments(call)
-            failure = call.failure or child_error
-            call.span.end(
-                error=failure, attributes={"ambient.tool_result": "none", "is_error": failure is not None}
-            )
-        for reasoning in reversed(run.reasoning):
-            reasoning.span.end(output=reasoning.text.value(), error=child_error)
-        for step in reversed(run.steps):
-            if step.open:
-                step.span.end(error=child_error)
-        for subagent in run.subagents.values():
-            subagent.end(error=child_error)
+        self._end_open_children(run, f"run ended: {error}" if error else None)
         opened = run.opened
         models = {entry.model for entry in usage}
         if len(models) > 1:
@@ -289,6 +276,22 @@ class StreamTracer:
         )
         self._runs.ended(opened)
         self._runs.stream_closed(self)
+
+    def _end_open_children(self, run: _RunState, child_error: str | None) -> None:
+        """At a run's end, what is still open ends too: as failed by the run's error, if any."""
+        for call in run.tools.values():
+            self._record_arguments(call)
+            failure = call.failure or child_error
+            call.span.end(
+                error=failure, attributes={"ambient.tool_result": "none", "is_error": failure is not None}
+            )
+        for reasoning in reversed(run.reasoning):
+            reasoning.span.end(output=reasoning.text.value(), error=child_error)
+        for step in reversed(run.steps):
+            if step.open:
+                step.span.end(error=child_error)
+        for subagent in run.subagents.values():
+            subagent.end(error=child_error)
 
     # -- runs ---------------------------------------------------------------------------------
 

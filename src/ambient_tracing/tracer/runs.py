@@ -82,6 +82,25 @@ class Runs:
         self._prepare()
         chosen = parse_trace_id(trace_id) or new_trace_id()
         context = dict(self._context())
+        run = self._run_start(chosen, thread_id, run_id, user_id, user_name, input, context)
+        span = self.spans.open(run)
+        if span is None:
+            return None
+        if thread_id:
+            self.threads.run_started(thread_id, chosen)
+        return OpenRun(span=span, trace_id=chosen, thread_id=thread_id, context=context)
+
+    def _run_start(
+        self,
+        trace_id: str,
+        thread_id: str | None,
+        run_id: str | None,
+        user_id: str | None,
+        user_name: str | None,
+        input: Any,
+        context: Mapping[str, str],
+    ) -> RunStart:
+        """What the run opens with in every backend: masked (when on) but for the operator's context."""
         run = RunStart(
             name=RUN_SPAN_NAME,
             thread_id=thread_id,
@@ -91,20 +110,14 @@ class Runs:
             runner_type=self.runner_type,
             turn_number=self.threads.next_turn_number(thread_id) if thread_id else 1,
             input=input,
-            trace_id=chosen,
+            trace_id=trace_id,
             start_time_ns=time.time_ns(),
             attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
         )
         if self.mask_messages:
             run = mask_run(run)
         # The namespace and workflow are the operator's configuration, not content: never masked.
-        run = replace(run, attributes={**(run.attributes or {}), **context})
-        span = self.spans.open(run)
-        if span is None:
-            return None
-        if thread_id:
-            self.threads.run_started(thread_id, chosen)
-        return OpenRun(span=span, trace_id=chosen, thread_id=thread_id, context=context)
+        return replace(run, attributes={**(run.attributes or {}), **context})
 
     def ended(self, run: OpenRun) -> None:
         if run.thread_id:
