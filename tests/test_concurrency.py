@@ -305,7 +305,7 @@ async def test_registry_drops_idle_threads() -> None:
     backend = RecordingBackend()
     observability = Observability([backend], mask_messages=False, thread_idle_seconds=0.5)
     now = [0.0]  # a manual clock: a loaded machine must not decide what counts as idle
-    observability.runs.threads._clock = lambda: now[0]
+    observability.runs.threads.clock = lambda: now[0]
     with serve(TracingMiddleware(agui_app(), observability=observability)) as url:
         first = await sequential_runs(url, ["idle-a", "idle-b"])
         assert observability.last_trace_id("idle-a") == first["idle-a"]

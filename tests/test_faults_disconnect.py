@@ -205,7 +205,7 @@ async def test_client_disconnects_at_random_points_over_http(served: Served) -> 
     assert 0 < len(cut_turns) <= POINTS
     assert all(span.ended == 1 for turn in cut_turns for span in turn.walk())
     assert any(turn.error and "disconnect" in turn.error for turn in cut_turns), "no cut hit a live stream"
-    assert not served.obs._open_streams
+    assert served.obs.runs.open_streams == 0
     assert [r.getMessage() for r in logs.records if r.levelno >= logging.ERROR] == []
     assert len(logs.records) <= POINTS
 

@@ -185,10 +185,12 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
 
     backend = DeferredRecording()
     threads: set[str] = set()
+    workers: set[threading.Thread] = set()
     original = RecordedSpanType.start_child
 
     def spy(self: object, *args: object, **kwargs: object) -> object:
         threads.add(threading.current_thread().name)
+        workers.add(threading.current_thread())
         assert kwargs["start_time_ns"] is not None  # the time the call happened on the loop
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
@@ -212,8 +214,7 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
     assert turn.children[0].input == {"query": "life"} and turn.children[0].output == "42"
     assert turn.ended == 1 and not backend.open_spans()
     assert threads == {"ambient-tracing-spans"}
-    worker_thread = obs.spans.worker._thread
-    assert worker_thread is not None
+    [worker_thread] = workers
     await obs.aclose()
     worker_thread.join(5)
     assert not worker_thread.is_alive()  # aclose ends the worker thread
@@ -222,6 +223,6 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
 async def test_new_runs_skip_deferred_backends_while_the_worker_is_far_behind() -> None:
     backend = DeferredRecording()
     obs = Observability([backend])
-    obs.spans.worker._max_backlog = -1  # always "behind"
+    obs.spans.worker.max_backlog = -1  # always "behind"
     assert obs.runs.open(thread_id="t", run_id="r", user_id=None, user_name=None, input=None) is None
     await obs.aclose()

@@ -388,7 +388,7 @@ class _LangfuseSpan:
             self._warn("end")
 
     def _warn(self, what: str) -> None:
-        if first_time(logger, f"span {what}"):
+        if first_time(logger, f"span:{id(self)}"):  # once per span
             logger.warning("Langfuse could not %s span %r", what, self._name, exc_info=True)
 
 

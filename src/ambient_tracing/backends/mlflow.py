@@ -489,7 +489,7 @@ class _MlflowSpan:
                 span.end(end_time_ns=end_time_ns)
 
     def _warn(self, what: str) -> None:
-        if first_time(logger, f"span {what}"):
+        if first_time(logger, f"span:{id(self)}"):  # once per span
             logger.warning("MLflow could not %s span %r", what, self._span.name, exc_info=True)
 
 

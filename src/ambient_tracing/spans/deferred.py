@@ -53,7 +53,8 @@ class SpanWorker:
 
     def __init__(self, max_backlog: int = MAX_BACKLOG) -> None:
         self._queue: queue.SimpleQueue[Call | threading.Event] = queue.SimpleQueue()
-        self._max_backlog = max_backlog
+        #: Queued calls past which :attr:`overloaded` is True.
+        self.max_backlog = max_backlog
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -62,7 +63,7 @@ class SpanWorker:
     @property
     def overloaded(self) -> bool:
         """Whether the worker is so far behind that new runs should not add to its queue."""
-        return self._queue.qsize() > self._max_backlog
+        return self._queue.qsize() > self.max_backlog
 
     def submit(self, call: Call) -> None:
         if self._thread is None:

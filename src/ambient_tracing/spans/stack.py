@@ -58,6 +58,6 @@ class SpanStack:
 
 def _accepts(backend: TracingBackend, trace_id: str) -> bool:
     what = f"{backend.name} could not tell whether it records a run"
-    with capture_internal_exceptions(logger, what, once=f"accepts:{backend.name}"):
+    with capture_internal_exceptions(logger, what, once=f"accepts:{id(backend)}"):
         return bool(backend.accepts(trace_id))
     return False

@@ -43,7 +43,8 @@ class ThreadRegistry:
         self._max_traces = 4 * max_threads
         self._max_threads = max_threads
         self._idle_seconds = idle_seconds
-        self._clock = clock
+        #: The monotonic clock idle times are measured on (replaceable in tests).
+        self.clock = clock
 
     def __len__(self) -> int:
         return len(self._threads)
@@ -95,11 +96,11 @@ class ThreadRegistry:
         return self._trace_threads.get(trace_id)
 
     def _get(self, thread_id: str) -> _Thread | None:
-        self._expire(self._clock())
+        self._expire(self.clock())
         return self._threads.get(thread_id)
 
     def _touch(self, thread_id: str) -> _Thread:
-        now = self._clock()
+        now = self.clock()
         self._expire(now)
         thread = self._threads.get(thread_id)
         if thread is None:
