@@ -64,7 +64,8 @@ def read_trace(tracking_uri: str, trace_id: str, mlflow_ui: str | None = None) -
     return {
         "traceId": trace_id,
         "state": str(info.state),
-        "complete": str(info.state) != "IN_PROGRESS",  # the root is stored when the run opens
+        # MLflow stores the spans as they end (the state too), then the trace's info with its tags.
+        "complete": str(info.state) != "IN_PROGRESS" and "ambient.thread_id" in info.tags,
         "thread": info.tags.get("ambient.thread_id"),
         "spans": _tree(trace.data.spans),
         "ratings": ratings,
