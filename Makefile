@@ -4,7 +4,7 @@ VENV := .venv
 DEMO_VENV := .venv-demo
 NODE_MODULES := examples/js/node_modules/.package-lock.json examples/copilotkit/node_modules/.package-lock.json
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo demo-web chromium lint bench clean
 
 $(VENV)/.installed: pyproject.toml tests/requirements-producers.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ examples/%/node_modules/.package-lock.json: examples/%/package.json examples/%/p
 	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	cd examples/$* && npm ci --no-audit --no-fund --loglevel=error
 
+# Debian's chromium and its chromedriver: tests/test_demo_web.py drives the web demo in a headless browser.
+chromium:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEMO_VENV)
 	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -30,12 +35,17 @@ $(DEMO_VENV)/.installed: pyproject.toml
 ## pydantic-ai / LangGraph / ADK / Strands as producers, @ag-ui/client and CopilotKit in Node as clients).
 # Two workers (pytest-xdist): the suite mostly waits on servers; each worker starts its own session
 # fixtures (mlflow server, receivers). A bare `pytest` runs in one process.
-test: $(VENV)/.installed $(NODE_MODULES)
+test: $(VENV)/.installed $(NODE_MODULES) chromium
 	$(VENV)/bin/python -m pytest -n 2
 
 ## Trace a scripted AG-UI agent to ./ambient-demo/mlflow.db and print what was recorded.
 demo: $(DEMO_VENV)/.installed
 	$(DEMO_VENV)/bin/ambient-tracing demo
+
+## The same agent in a browser page on http://127.0.0.1:8765: chat, rate an answer, watch the rating land
+## on its trace. DEMO_ARGS='--mlflow-ui http://127.0.0.1:5000' links each trace to a running MLflow UI.
+demo-web: $(DEMO_VENV)/.installed
+	$(DEMO_VENV)/bin/ambient-tracing demo --web $(DEMO_ARGS)
 
 ## Benchmarks of issue #4 (in-process, loopback, concurrency, memory, blackholed backends); BENCH_ARGS=--quick
 bench: $(VENV)/.installed

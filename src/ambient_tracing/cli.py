@@ -17,10 +17,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--store", type=Path, default=Path("ambient-demo/mlflow.db"), help="sqlite file (created if missing)"
     )
+    demo.add_argument("--web", action="store_true", help="serve a page to chat, rate and see the traces")
+    demo.add_argument("--port", type=int, default=8765, help="--web: port on 127.0.0.1 (default 8765)")
+    demo.add_argument(
+        "--mlflow-ui",
+        metavar="URL",
+        help="--web: link each trace to this MLflow UI (e.g. http://127.0.0.1:5000)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    if args.command == "demo":
+    if args.command == "demo" and args.web:
+        from ambient_tracing.demo_web import run_web
+
+        run_web(args.store, port=args.port, mlflow_ui=args.mlflow_ui)
+    elif args.command == "demo":
         from ambient_tracing.demo import run_demo
 
         run_demo(args.store)
