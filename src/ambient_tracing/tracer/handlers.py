@@ -33,7 +33,9 @@ MAX_SPANS_PER_RUN = 1_000
 #: Most characters of assistant text, tool arguments, tool results and reasoning kept per span.
 MAX_TEXT_CHARS = 32_768
 TRUNCATED = "... [truncated]"
-_TEXT_EVENTS = frozenset({"TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CHUNK"})
+# Events that only feed the recorded text: not wanted once it is full (a message's role only
+# decides whether its text is recorded).
+_TEXT_EVENTS = frozenset({"TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_CHUNK"})
 
 Event = Mapping[str, Any]
 
