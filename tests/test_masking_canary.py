@@ -294,17 +294,35 @@ def sdk_langfuse(receiver: LangfuseReceiver) -> Any:
     return LangfuseBackend(client=client, flush_timeout=5)
 
 
-@pytest.mark.parametrize("langfuse_path", ["otlp", "sdk"])
+def sdk_mlflow(server: MlflowServer) -> Any:
+    """MLflow through its SDK (spans made on the span worker, masked there), on the same server."""
+    from ambient_tracing.backends.mlflow import MlflowBackend
+
+    backend = MlflowBackend(
+        tracking_uri=server.url, experiment_name=f"canary-sdk-{uuid.uuid4().hex[:8]}", otlp=False
+    )
+    backend.setup()
+    return backend
+
+
+@pytest.mark.parametrize(
+    ("langfuse_path", "mlflow_path"),
+    [("otlp", "otlp"), ("sdk", "otlp"), ("otlp", "sdk")],
+    ids=["both-otlp", "langfuse-sdk", "mlflow-sdk"],
+)
 async def test_no_canary_reaches_either_backend(
     langfuse_receiver: LangfuseReceiver,
     langfuse_backend: Any,
     mlflow_server: MlflowServer,
     mlflow_backend: Any,
     langfuse_path: str,
+    mlflow_path: str,
 ) -> None:
-    mlflow = mlflow_backend()  # a tracking server: the package's OTLP path
+    # OTLP: spans built by the package, masked in the exporters' threads; SDK: masked on the worker.
+    mlflow = mlflow_backend() if mlflow_path == "otlp" else sdk_mlflow(mlflow_server)
     langfuse = langfuse_backend() if langfuse_path == "otlp" else sdk_langfuse(langfuse_receiver)
-    assert mlflow.span_sink is not None and (langfuse.span_sink is None) == (langfuse_path == "sdk")
+    assert (mlflow.span_sink is None) == (mlflow_path == "sdk")
+    assert (langfuse.span_sink is None) == (langfuse_path == "sdk")
     obs = Observability([langfuse, mlflow])  # mask_messages defaults to on
     with serve(TracingMiddleware(canary_app(), observability=obs)) as url:
         async with httpx.AsyncClient(timeout=30) as client:
