@@ -226,3 +226,14 @@ async def test_new_runs_skip_deferred_backends_while_the_worker_is_far_behind() 
     obs.spans.worker.max_backlog = -1  # always "behind"
     assert obs.runs.open(thread_id="t", run_id="r", user_id=None, user_name=None, input=None) is None
     await obs.aclose()
+
+
+def test_an_object_that_is_not_a_backend_is_refused_with_a_clear_error() -> None:
+    class Legacy:  # a backend written for the protocol before `accepts` and `span_sink`
+        name = "legacy"
+
+        def start_run(self, run: object) -> None:
+            return None
+
+    with pytest.raises(TypeError, match="Legacy is not a TracingBackend: it has no span_sink, accepts"):
+        Observability([Legacy()])  # type: ignore[list-item]

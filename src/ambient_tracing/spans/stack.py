@@ -21,11 +21,21 @@ from ambient_tracing.spans.fanout import FanoutSpan
 
 logger = logging.getLogger(__name__)
 
+#: What the stack asks of every backend (the rest of the protocol is asked by setup, flush, feedback).
+_REQUIRED = ("name", "span_sink", "accepts", "start_run", "setup", "flush", "shutdown")
+
 
 class SpanStack:
     """Opens each run's span in ``backends``; owns the span worker their SDK calls run on."""
 
     def __init__(self, backends: Sequence[TracingBackend]) -> None:
+        for backend in backends:
+            missing = [name for name in _REQUIRED if not hasattr(backend, name)]
+            if missing:
+                raise TypeError(
+                    f"{type(backend).__name__} is not a TracingBackend: it has no {', '.join(missing)} "
+                    "(see ambient_tracing.backends.TracingBackend)"
+                )
         self.backends = tuple(backends)
         #: Where the SDK backends' span calls run, off the event loop.
         self.worker = SpanWorker()
