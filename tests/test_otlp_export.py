@@ -168,7 +168,10 @@ def test_langfuse_spans_carry_exactly_what_the_sdk_writes(langfuse_receiver: Lan
 
 
 def _stored(uri: str, trace_id: str, spans: int) -> dict[str, Any]:
-    trace = wait_for_trace(uri, trace_id, lambda t: len(t.data.spans) == spans)
+    # A run's token usage is aggregated by the server a moment after its spans are stored: wait for it.
+    trace = wait_for_trace(
+        uri, trace_id, lambda t: len(t.data.spans) == spans and (spans == 1 or bool(t.info.token_usage))
+    )
     info = trace.info
     return {
         "state": info.state.value,
