@@ -228,20 +228,26 @@ def _print_tree(spans: list[Any], say: Any) -> None:
         show(root, 0)
 
 
-def run_demo(store: Path, say: Any = print) -> list[str]:
-    """Run the whole demo against the sqlite store at ``store``; returns the trace ids it saw."""
+def demo_observability(store: Path) -> tuple[Observability, str]:
+    """An :class:`Observability` tracing to the sqlite store at ``store`` (ratings queued beside it)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the demo talks to 127.0.0.1 only
     from ambient_tracing.backends.mlflow import MlflowBackend
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its table-creation chatter
-
     store.parent.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{store.resolve()}"
     observability = Observability(
         [MlflowBackend(tracking_uri=tracking_uri, experiment_name=EXPERIMENT)],
         runner_type="demo",
         mask_messages=False,
+        feedback_spool=store.parent / "feedback-queue" / "feedback.db",  # its folder is made 0700
     )
+    return observability, tracking_uri
+
+
+def run_demo(store: Path, say: Any = print) -> list[str]:
+    """Run the whole demo against the sqlite store at ``store``; returns the trace ids it saw."""
+    observability, tracking_uri = demo_observability(store)
     say(f"Tracing to MLflow store {store} (experiment {EXPERIMENT!r}); preparing it...")
     asyncio.run(observability.start())
     thread_id = f"demo-thread-{uuid.uuid4().hex[:8]}"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +22,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from ambient_tracing.demo import EXPERIMENT, demo_app
+from ambient_tracing.demo import EXPERIMENT, demo_app, demo_observability
 from ambient_tracing.doors.middleware import TracingMiddleware
 from ambient_tracing.observability import Observability
 
@@ -135,23 +133,6 @@ def web_app(observability: Observability, tracking_uri: str, mlflow_ui: str | No
         lifespan=lifespan,
     )
     return TracingMiddleware(app, observability=observability, feedback_path="/feedback")
-
-
-def demo_observability(store: Path) -> tuple[Observability, str]:
-    """An :class:`Observability` tracing to the sqlite store at ``store`` (ratings queued beside it)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the demo talks to 127.0.0.1 only
-    from ambient_tracing.backends.mlflow import MlflowBackend
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tracking_uri = f"sqlite:///{store.resolve()}"
-    observability = Observability(
-        [MlflowBackend(tracking_uri=tracking_uri, experiment_name=EXPERIMENT)],
-        runner_type="demo",
-        mask_messages=False,
-        feedback_spool=store.parent / "feedback-queue" / "feedback.db",  # its folder is made 0700
-    )
-    return observability, tracking_uri
 
 
 def run_web(store: Path, port: int = DEFAULT_PORT, mlflow_ui: str | None = None, say: Any = print) -> None:
