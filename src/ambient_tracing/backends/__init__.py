@@ -35,6 +35,7 @@ from ambient_tracing.config import TracingConfig
 if TYPE_CHECKING:
     from ambient_tracing.backends.langfuse import LangfuseBackend
     from ambient_tracing.backends.mlflow import MlflowBackend
+    from ambient_tracing.backends.otel import OtelBackend
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ __all__ = [
     "RUN_SPAN_NAME",
     "LangfuseBackend",
     "MlflowBackend",
+    "OtelBackend",
     "Rating",
     "RatingRejected",
     "RatingSink",
@@ -86,6 +88,22 @@ def from_config(config: TracingConfig) -> list[TracingBackend]:
                     tracking_uri=config.mlflow.tracking_uri, experiment_name=config.mlflow.experiment_name
                 )
             )
+    if config.otel is not None:
+        otel = config.otel
+        with _building("OpenTelemetry", "OBSERVABILITY_BACKENDS=otel", "otel"):
+            from ambient_tracing.backends.otel import OtelBackend
+
+            backends.append(
+                OtelBackend(
+                    endpoint=otel.endpoint,
+                    headers=otel.headers,
+                    service_name=otel.service_name,
+                    resource_attributes=otel.resource_attributes,
+                    sample_rate=otel.sample_rate,
+                    timeout=otel.timeout,
+                    compress=otel.compress,
+                )
+            )
     return backends
 
 
@@ -123,4 +141,8 @@ def __getattr__(name: str) -> Any:
         from ambient_tracing.backends.mlflow import MlflowBackend
 
         return MlflowBackend
+    if name == "OtelBackend":
+        from ambient_tracing.backends.otel import OtelBackend
+
+        return OtelBackend
     raise AttributeError(f"module 'ambient_tracing.backends' has no attribute {name!r}")
