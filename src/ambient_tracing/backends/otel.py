@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ambient_tracing.backends.base import RunStart, Span, SpanSink
 from ambient_tracing.backends.otel_mapper import SCOPE_NAME, TRACES_PATH, OtelMapper
-from ambient_tracing.backends.otlp import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, OtlpExporter
+from ambient_tracing.backends.otlp import DEFAULT_INTERVAL, DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, OtlpExporter
 from ambient_tracing.backends.records import RecordSpan, standalone_record
 from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
@@ -62,6 +62,7 @@ class OtelBackend:
         use_global: bool = False,
         sample_rate: float = 1.0,
         timeout: float = DEFAULT_TIMEOUT,
+        interval: float = DEFAULT_INTERVAL,
         compress: bool = True,
         max_queue: int = DEFAULT_MAX_QUEUE,
         flush_timeout: float = 30.0,
@@ -78,6 +79,7 @@ class OtelBackend:
         self._headers = dict(headers or {})
         self._exporter_options: dict[str, Any] = {
             "timeout": timeout,
+            "interval": interval,
             "compress": compress,
             "max_queue": max_queue,
         }
@@ -182,7 +184,10 @@ class OtelBackend:
     def _use_provider(self, provider: Any) -> None:
         from ambient_tracing.backends.otel_provider import ProviderSink
 
-        self._sink = ProviderSink(provider, self.mapper, max_queue=self._exporter_options["max_queue"])
+        options = self._exporter_options
+        self._sink = ProviderSink(
+            provider, self.mapper, max_queue=options["max_queue"], interval=min(options["interval"], 0.2)
+        )
         self._tracer = None
 
 

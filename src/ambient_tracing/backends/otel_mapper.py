@@ -69,7 +69,8 @@ def plain(value: Any) -> Any:
 
 
 def _text(value: Any) -> tuple[str, str]:
-    """``(text, mime type)`` of an input or output: strings as they are, anything else as JSON."""
+    """``(text, mime type)`` of a value: strings as they are (e.g. a tool's text result, arguments
+    that were not JSON), anything else as JSON."""
     if isinstance(value, str):
         return value, "text/plain"
     return to_json(value), "application/json"
@@ -175,9 +176,9 @@ class OtelMapper:
             attributes["tool.name"] = name
         attributes.setdefault("gen_ai.tool.type", "function")
         if record.input is not None:
-            attributes["gen_ai.tool.call.arguments"] = to_json(record.input)
+            attributes["gen_ai.tool.call.arguments"] = _text(record.input)[0]
         if record.output is not None:
-            attributes["gen_ai.tool.call.result"] = to_json(record.output)
+            attributes["gen_ai.tool.call.result"] = _text(record.output)[0]
 
     def status(self, record: SpanRecord) -> tuple[int, str]:
         if record.error is not None:
