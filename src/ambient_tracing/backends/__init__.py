@@ -30,7 +30,7 @@ from ambient_tracing.backends.base import (
     TracingBackend,
 )
 from ambient_tracing.backends.rating import Rating
-from ambient_tracing.config import TracingConfig
+from ambient_tracing.config import OtelSettings, TracingConfig
 
 if TYPE_CHECKING:
     from ambient_tracing.backends.langfuse import LangfuseBackend
@@ -89,22 +89,23 @@ def from_config(config: TracingConfig) -> list[TracingBackend]:
                 )
             )
     if config.otel is not None:
-        otel = config.otel
         with _building("OpenTelemetry", "OBSERVABILITY_BACKENDS=otel", "otel"):
-            from ambient_tracing.backends.otel import OtelBackend
-
-            backends.append(
-                OtelBackend(
-                    endpoint=otel.endpoint,
-                    headers=otel.headers,
-                    service_name=otel.service_name,
-                    resource_attributes=otel.resource_attributes,
-                    sample_rate=otel.sample_rate,
-                    timeout=otel.timeout,
-                    compress=otel.compress,
-                )
-            )
+            backends.append(_otel_backend(config.otel))
     return backends
+
+
+def _otel_backend(settings: OtelSettings) -> TracingBackend:
+    from ambient_tracing.backends.otel import OtelBackend
+
+    return OtelBackend(
+        endpoint=settings.endpoint,
+        headers=settings.headers,
+        service_name=settings.service_name,
+        resource_attributes=settings.resource_attributes,
+        sample_rate=settings.sample_rate,
+        timeout=settings.timeout,
+        compress=settings.compress,
+    )
 
 
 @contextmanager
