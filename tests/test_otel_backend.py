@@ -129,14 +129,18 @@ def test_otel_settings_follow_the_standard_variables() -> None:
         assert TracingConfig.from_env({"OBSERVABILITY_BACKENDS": "otel", **bad}).otel is None
 
 
-def test_from_config_builds_the_backend_and_the_default_endpoint() -> None:
+def test_from_config_builds_the_backend_and_the_default_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import opentelemetry.trace
+
+    # No SDK TracerProvider installed (whatever other tests of this process did): the OTel default endpoint.
+    monkeypatch.setattr(opentelemetry.trace, "get_tracer_provider", opentelemetry.trace.NoOpTracerProvider)
     backends = from_config(TracingConfig.from_env({"OBSERVABILITY_BACKENDS": "otel"}))
     assert [backend.name for backend in backends] == ["otel"]
     backend = backends[0]
     assert (
         isinstance(backend, OtelBackend) and backend.span_sink is None and not backend.accepts(new_trace_id())
     )
-    backend.setup()  # no SDK TracerProvider installed in the test process: the OTel default endpoint
+    backend.setup()
     assert backend.endpoint == DEFAULT_ENDPOINT and backend.accepts(new_trace_id())
     backend.shutdown()
 
