@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 DEMO_VENV := .venv-demo
+PHOENIX_VENV := .venv-phoenix
 NODE_MODULES := examples/js/node_modules/.package-lock.json examples/copilotkit/node_modules/.package-lock.json
 
-.PHONY: test demo demo-web chromium lint bench clean
+.PHONY: test demo demo-web chromium phoenix lint bench clean
 
 $(VENV)/.installed: pyproject.toml tests/requirements-producers.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,15 @@ chromium:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
+# Arize Phoenix in its own venv (tests/test_otel_backend.py runs `phoenix serve` from it; see the file).
+$(PHOENIX_VENV)/.installed: tests/requirements-phoenix.txt
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet -r tests/requirements-phoenix.txt
+	touch $@
+
+phoenix: $(PHOENIX_VENV)/.installed
+
 $(DEMO_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEMO_VENV)
 	$(DEMO_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -32,10 +42,10 @@ $(DEMO_VENV)/.installed: pyproject.toml
 	touch $@
 
 ## Run the test suite (real MLflow server, Langfuse SDK against a loopback receiver, uvicorn,
-## pydantic-ai / LangGraph / ADK / Strands as producers, @ag-ui/client and CopilotKit in Node as clients).
+## Arize Phoenix for the otel backend, pydantic-ai / LangGraph / ADK / Strands as producers, @ag-ui/client and CopilotKit in Node as clients).
 # Two workers (pytest-xdist): the suite mostly waits on servers; each worker starts its own session
 # fixtures (mlflow server, receivers). A bare `pytest` runs in one process.
-test: $(VENV)/.installed $(NODE_MODULES) chromium
+test: $(VENV)/.installed $(PHOENIX_VENV)/.installed $(NODE_MODULES) chromium
 	$(VENV)/bin/python -m pytest -n 2
 
 ## Trace a scripted AG-UI agent to ./ambient-demo/mlflow.db and print what was recorded.
@@ -60,4 +70,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf $(VENV) $(DEMO_VENV) examples/*/node_modules ambient-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_VENV) $(PHOENIX_VENV) examples/*/node_modules ambient-demo .pytest_cache .mypy_cache .ruff_cache

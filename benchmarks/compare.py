@@ -29,6 +29,7 @@ from .receivers import receiver
 GROUPS = (
     ("raw", "mw-null", "mw-langfuse", "mw-mlflow", "mw-both"),
     ("raw", "mw-null", "mw-mlflow-server", "mw-both-server"),
+    ("raw", "mw-null", "mw-otel", "otel", "otel-otlp"),
 )
 CHILD_TIMEOUT = 1800.0
 

@@ -9,6 +9,10 @@ tracking URI is process-wide: a process measures either the sqlite or the server
 SimpleSpanProcessor (every span is made, ended and handed to the exporter; nothing is dropped).
 ``mw-null``: TracingMiddleware with a backend whose spans do nothing (the middleware's own cost).
 ``otel-nosend``: the same with ``exclude_spans=["send", "receive"]``.
+``mw-otel``: TracingMiddleware with the OpenTelemetry backend (``OtelBackend``: the package's OTLP/HTTP
+exporter) sending to the loopback receiver. ``otel-otlp``: OpenTelemetry's ASGI middleware with the
+SDK's OTLP/HTTP protobuf exporter behind a BatchSpanProcessor, to the same receiver: the same wire
+format and destination, so the two differ only in how spans are made and exported.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ TRACED = ("mw-mlflow", "mw-langfuse", "mw-both")
 SERVER = ("mw-mlflow-server", "mw-both-server")
 _MLFLOW = ("mw-mlflow", "mw-both", "mw-mlflow-server", "mw-both-server")
 _LANGFUSE = ("mw-langfuse", "mw-both", "mw-both-server")
+OTEL_GROUP = ("mw-otel", "otel", "otel-otlp")
 
 
 class NullSpan:
@@ -87,6 +92,28 @@ def otel_app(app: ASGIApp, *, exclude: bool) -> ASGIApp:
     )
 
 
+def otel_otlp_app(app: ASGIApp, endpoint: str) -> tuple[ASGIApp, Callable[[], None]]:
+    """OpenTelemetry's ASGI middleware exporting by OTLP/HTTP protobuf; and what flushes it."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+
+    def flush() -> None:
+        provider.force_flush(30_000)
+
+    return OpenTelemetryMiddleware(app, tracer_provider=provider), flush
+
+
+def otel_backend(host: str) -> TracingBackend:
+    from ambient_tracing.backends.otel import OtelBackend
+
+    return OtelBackend(endpoint=host + "/v1/traces")
+
+
 def langfuse_backend(host: str, **options: Any) -> TracingBackend:
     from ambient_tracing.backends.langfuse import LangfuseBackend
 
@@ -116,6 +143,8 @@ class Variants:
     mask_messages: bool = True
     _mlflow: TracingBackend | None = field(default=None, init=False)
     _langfuse: TracingBackend | None = field(default=None, init=False)
+    _otel: TracingBackend | None = field(default=None, init=False)
+    _flushers: dict[str, Callable[[], None]] = field(default_factory=dict, init=False)
     observabilities: list[Observability] = field(default_factory=list, init=False)
 
     def mlflow(self, server: bool = False) -> TracingBackend:
@@ -134,6 +163,12 @@ class Variants:
             self._langfuse = langfuse_backend(self.langfuse_host)
         return self._langfuse
 
+    def otel(self) -> TracingBackend:
+        if self._otel is None:
+            assert self.langfuse_host, "no receiver"
+            self._otel = otel_backend(self.langfuse_host)
+        return self._otel
+
     def build(self, name: str, app: ASGIApp | None = None) -> ASGIApp:
         app = app or make_app()
         if name == "raw":
@@ -142,7 +177,13 @@ class Variants:
             return otel_app(app, exclude=False)
         if name == "otel-nosend":
             return otel_app(app, exclude=True)
+        if name == "otel-otlp":
+            assert self.langfuse_host, "no receiver"
+            app, self._flushers[name] = otel_otlp_app(app, self.langfuse_host + "/v1/traces")
+            return app
         backends: list[TracingBackend] = []
+        if name == "mw-otel":
+            backends.append(self.otel())
         if name in _MLFLOW:
             backends.append(self.mlflow(server=name in SERVER))
         if name in _LANGFUSE:
@@ -161,6 +202,10 @@ class Variants:
             self._mlflow.flush(30.0)
         if self._langfuse is not None:
             self._langfuse.shutdown()
+        if self._otel is not None:
+            self._otel.shutdown()
+        for flush in self._flushers.values():
+            flush()
 
     def flusher(self, name: str) -> Callable[[], None]:
         """What waits for the variant's background export (so its CPU lands in the measurement)."""
@@ -171,6 +216,11 @@ class Variants:
         if name in _LANGFUSE:
             langfuse = self.langfuse()
             actions.append(lambda: langfuse.flush(30.0))
+        if name == "mw-otel":
+            otel = self.otel()
+            actions.append(lambda: otel.flush(30.0))
+        if name in self._flushers:
+            actions.append(self._flushers[name])
 
         def flush() -> None:
             for action in actions:

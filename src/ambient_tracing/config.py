@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,27 @@ class MlflowSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OtelSettings:
+    """The OpenTelemetry backend, from the standard ``OTEL_*`` variables. ``endpoint`` is the full
+    traces URL; None: the app's global SDK ``TracerProvider`` if it installed one, else
+    ``http://localhost:4318/v1/traces`` (decided at setup)."""
+
+    endpoint: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    service_name: str | None = None
+    resource_attributes: Mapping[str, str] = field(default_factory=dict)
+    sample_rate: float = 1.0
+    timeout: float = 10.0
+    compress: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class TracingConfig:
-    """What to trace to and how. ``langfuse``/``mlflow`` are None when that backend is off."""
+    """What to trace to and how. ``langfuse``/``mlflow``/``otel`` are None when that backend is off."""
 
     langfuse: LangfuseSettings | None = None
     mlflow: MlflowSettings | None = None
+    otel: OtelSettings | None = None
     runner_type: str = DEFAULT_RUNNER_TYPE
     mask_messages: bool = True
     #: The durable rating queue, a SQLite file (None: :func:`default_spool_path`).
@@ -94,6 +110,7 @@ class TracingConfig:
         return cls(
             langfuse=_langfuse_settings(env) if "langfuse" in listed else None,
             mlflow=_mlflow_settings(env) if "mlflow" in listed else None,
+            otel=otel_settings(env) if "otel" in listed else None,
             runner_type=runner_type_slug(env.get("RUNNER_TYPE", "")),
             mask_messages=_flag(env, "LANGFUSE_MASK_MESSAGES", default=True),
             feedback_spool=Path(spool) if (spool := env.get("AMBIENT_FEEDBACK_SPOOL", "").strip()) else None,
@@ -279,3 +296,71 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     except ValueError:
         logger.warning("%s=%r is not a number of seconds; using %s", name, raw, default)
         return default
+
+
+def otel_settings(env: Mapping[str, str]) -> OtelSettings | None:
+    """The ``OTEL_*`` variables as the OpenTelemetry SDK reads them (traces-specific ones first);
+    None when ``OTEL_SDK_DISABLED`` is true or the settings cannot work (warned)."""
+    if _flag(env, "OTEL_SDK_DISABLED", default=False):
+        logger.info("OpenTelemetry tracing is off: OTEL_SDK_DISABLED is set")
+        return None
+    protocol = (_otel(env, "PROTOCOL") or "http/protobuf").strip().lower()
+    if protocol == "grpc":
+        logger.warning("OpenTelemetry tracing is off: OTLP over gRPC is not supported; use http/protobuf")
+        return None
+    if protocol != "http/protobuf":
+        logger.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%r: sending http/protobuf", protocol)
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip() or None
+    if endpoint is None and (base := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()):
+        endpoint = base.rstrip("/") + "/v1/traces"
+    if endpoint is not None and not _is_http_url(endpoint):
+        logger.warning("OpenTelemetry tracing is off: the OTLP endpoint %r is not an http(s) URL", endpoint)
+        return None
+    headers = {
+        **_pairs(env, "OTEL_EXPORTER_OTLP_HEADERS"),
+        **_pairs(env, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+    }
+    resource = _pairs(env, "OTEL_RESOURCE_ATTRIBUTES")
+    timeout_ms = _seconds(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", 0.0) or _seconds(
+        env, "OTEL_EXPORTER_OTLP_TIMEOUT", 10_000.0
+    )
+    return OtelSettings(
+        endpoint=endpoint,
+        headers=headers,
+        service_name=env.get("OTEL_SERVICE_NAME", "").strip() or resource.get("service.name") or None,
+        resource_attributes=resource,
+        sample_rate=_otel_sample_rate(env),
+        timeout=max(timeout_ms, 1.0) / 1000.0,
+        compress=(_otel(env, "COMPRESSION") or "gzip").strip().lower() != "none",
+    )
+
+
+def _otel(env: Mapping[str, str], setting: str) -> str:
+    """``OTEL_EXPORTER_OTLP_TRACES_<setting>``, else ``OTEL_EXPORTER_OTLP_<setting>``."""
+    return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{setting}") or env.get(f"OTEL_EXPORTER_OTLP_{setting}") or ""
+
+
+def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """``k=v,k2=v2`` with URL-encoded values (the OTel format). A malformed entry is skipped with a
+    warning that names the variable only: the values may be credentials."""
+    pairs: dict[str, str] = {}
+    for entry in env.get(name, "").split(","):
+        if not entry.strip():
+            continue
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            logger.warning("%s has an entry that is not key=value; skipped", name)
+            continue
+        pairs[unquote(key.strip())] = unquote(value.strip())
+    return pairs
+
+
+def _otel_sample_rate(env: Mapping[str, str]) -> float:
+    """``OTEL_TRACES_SAMPLER`` (always_on/off, [parentbased_]traceidratio with ``..._ARG``) as a ratio."""
+    sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in ("always_off", "parentbased_always_off"):
+        return 0.0
+    if sampler in ("traceidratio", "parentbased_traceidratio"):
+        rate = _rate(env, "OTEL_TRACES_SAMPLER_ARG")
+        return 1.0 if rate is None else rate
+    return 1.0

@@ -1,6 +1,8 @@
 """A stand-in Langfuse server on 127.0.0.1 that decodes what the real SDK sends.
 
-Accepts OTLP/HTTP protobuf spans at ``/api/public/otel/v1/traces`` (gzip or not), scores at
+Accepts OTLP/HTTP protobuf spans at ``/api/public/otel/v1/traces`` (gzip or not; also at any other
+path ending in ``/v1/traces``, as a generic OpenTelemetry collector; ``headers`` keeps each export's
+request headers), scores at
 ``/api/public/scores`` (SDK 5: JSON list, answered 202) and ``/api/public/ingestion`` (SDK 4: JSON
 batch of ``score-create`` events, answered 207). Anything else gets a 404 JSON body.
 ``GET /api/public/traces/{id}`` and ``GET /api/public/traces?sessionId=&name=`` answer from the
@@ -29,6 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 TRACES_PATH = "/api/public/otel/v1/traces"
+OTLP_SUFFIX = "/v1/traces"
 SCORES_PATH = "/api/public/scores"
 INGESTION_PATH = "/api/public/ingestion"
 TRACES_API = "/api/public/traces"
@@ -105,6 +108,7 @@ class LangfuseReceiver:
         self.hang_seconds = hang_seconds
         self.score_status: int | None = None
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
+        self.headers: list[dict[str, str]] = []  # the request headers of every span export
         self._spans: list[ReceivedSpan] = []
         self._scores: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -191,9 +195,12 @@ class LangfuseReceiver:
         if self.mode == "hang":
             self._stopping.wait(self.hang_seconds)
             return _reply(handler, 503, b"{}", "application/json")
-        if method == "POST" and self.mode == "503" and path in (TRACES_PATH, SCORES_PATH, INGESTION_PATH):
+        traces = path.endswith(OTLP_SUFFIX)
+        if method == "POST" and self.mode == "503" and (traces or path in (SCORES_PATH, INGESTION_PATH)):
             return _reply(handler, 503, b'{"message": "unavailable"}', "application/json")
-        if method == "POST" and path == TRACES_PATH:
+        if method == "POST" and traces:
+            with self._lock:
+                self.headers.append(dict(handler.headers.items()))
             if handler.headers.get("Content-Encoding", "").lower() == "gzip":
                 body = gzip.decompress(body)
             spans = decode_spans(body)

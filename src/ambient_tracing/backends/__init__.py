@@ -30,11 +30,12 @@ from ambient_tracing.backends.base import (
     TracingBackend,
 )
 from ambient_tracing.backends.rating import Rating
-from ambient_tracing.config import TracingConfig
+from ambient_tracing.config import OtelSettings, TracingConfig
 
 if TYPE_CHECKING:
     from ambient_tracing.backends.langfuse import LangfuseBackend
     from ambient_tracing.backends.mlflow import MlflowBackend
+    from ambient_tracing.backends.otel import OtelBackend
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ __all__ = [
     "RUN_SPAN_NAME",
     "LangfuseBackend",
     "MlflowBackend",
+    "OtelBackend",
     "Rating",
     "RatingRejected",
     "RatingSink",
@@ -86,7 +88,24 @@ def from_config(config: TracingConfig) -> list[TracingBackend]:
                     tracking_uri=config.mlflow.tracking_uri, experiment_name=config.mlflow.experiment_name
                 )
             )
+    if config.otel is not None:
+        with _building("OpenTelemetry", "OBSERVABILITY_BACKENDS=otel", "otel"):
+            backends.append(_otel_backend(config.otel))
     return backends
+
+
+def _otel_backend(settings: OtelSettings) -> TracingBackend:
+    from ambient_tracing.backends.otel import OtelBackend
+
+    return OtelBackend(
+        endpoint=settings.endpoint,
+        headers=settings.headers,
+        service_name=settings.service_name,
+        resource_attributes=settings.resource_attributes,
+        sample_rate=settings.sample_rate,
+        timeout=settings.timeout,
+        compress=settings.compress,
+    )
 
 
 @contextmanager
@@ -123,4 +142,8 @@ def __getattr__(name: str) -> Any:
         from ambient_tracing.backends.mlflow import MlflowBackend
 
         return MlflowBackend
+    if name == "OtelBackend":
+        from ambient_tracing.backends.otel import OtelBackend
+
+        return OtelBackend
     raise AttributeError(f"module 'ambient_tracing.backends' has no attribute {name!r}")

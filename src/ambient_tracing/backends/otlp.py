@@ -1,9 +1,8 @@
 """OTLP/HTTP protobuf export of :class:`~ambient_tracing.backends.records.SpanRecord`: encoder and exporter.
 
 A destination is an :class:`OtlpExporter` (endpoint, headers) plus a :class:`SpanMapper` that says
-what a record becomes there (attributes, status, resource, scope): Langfuse and an MLflow tracking
-server each have one; a generic OpenTelemetry collector (GenAI semantic conventions) would be one
-more mapper with the same exporter.
+what a record becomes there (attributes, status, resource, scope): Langfuse, an MLflow tracking
+server and any OpenTelemetry collector (otel_mapper.py: GenAI semantic conventions) each have one.
 
 The exporter never blocks the caller: :meth:`OtlpExporter.submit` appends to a bounded queue (the
 oldest record is dropped and counted when it is full) and one daemon thread batches, encodes,
