@@ -548,7 +548,7 @@ class _TraceInfoWriter:
 
     def __call__(self, batch: Sequence[SpanRecord]) -> None:
         for record in batch:
-            if record.parent_id is None:
+            if record.is_root:
                 self._write(record)
 
     def environment(self) -> dict[str, str]:

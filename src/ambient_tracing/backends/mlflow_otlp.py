@@ -122,7 +122,7 @@ class MlflowMapper:
 
     def attributes(self, record: SpanRecord) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
-        if record.parent_id is None:
+        if record.is_root:
             attributes.update(self._trace_level(record))
             attributes["mlflow.experimentId"] = self.experiment_id
         attributes.update(fit_conversation(record.attributes or {}))
