@@ -69,6 +69,7 @@ from ambient_tracing.backends.mlflow_otlp import (
     fit_conversation,
     fit_session,
     present,
+    trace_tags,
 )
 from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ambient_tracing.backends.rating import Rating
@@ -584,7 +585,8 @@ class _TraceInfoWriter:
             execution_duration=max(0, record.end_ns - record.start_ns) // 1_000_000,
             state=TraceState.ERROR if record.error is not None else TraceState.OK,
             trace_metadata={key: str(value) for key, value in metadata.items() if value is not None},
-            tags={},
+            # A root under a caller's span: the server does not read its tags from it (see trace_tags).
+            tags=trace_tags(record) if record.parent_id is not None else {},
         )
         trace = Trace(info=info, data=TraceData(spans=[]))
         body = message_to_json(StartTraceV3(trace=trace.to_proto()))  # type: ignore[no-untyped-call]
