@@ -234,3 +234,116 @@ async def test_result_trace_id_edits_only_the_result_and_only_when_asked() -> No
             assert frames[1].endswith(b'"result":"text"}')  # not an object: untouched
             assert json.loads(frames[2][6:])["result"] == {"traceId": third}
         await obs.aclose()
+
+
+async def test_a_declared_length_body_is_not_rewritten_but_the_header_is_added() -> None:
+    thread, run_id = "thread-cl", str(uuid.uuid4())
+    body = (
+        f'data: {{"type":"RUN_STARTED","threadId":"{thread}","runId":"{run_id}"}}\n\n'
+        f'data: {{"type":"RUN_FINISHED","threadId":"{thread}","runId":"{run_id}"}}\n\n'
+    ).encode()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"text/event-stream"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    backend = RecordingBackend()
+    obs = Observability([backend], trace_id_from_run_id=True, result_trace_id=True)
+    with serve(TracingMiddleware(app, observability=obs), lifespan="off") as url:
+        response_headers, streamed = await post(url, run_input(thread, run_id))
+    assert streamed.raw == body  # bytes as the app wrote them: its length stays true
+    assert response_headers["content-length"] == str(len(body))
+    assert response_headers["traceresponse"].split("-")[1] == run_id.replace("-", "")
+    assert backend.runs[0].trace_id == run_id.replace("-", "")
+    await obs.aclose()
+
+
+async def test_the_python_door_adds_result_trace_id_when_asked() -> None:
+    obs = Observability([RecordingBackend()], result_trace_id=True)
+
+    async def events() -> Any:
+        yield RunStartedEvent(type=EventType.RUN_STARTED, thread_id="t-py", run_id="r-1")
+        yield RunFinishedEvent(type=EventType.RUN_FINISHED, thread_id="t-py", run_id="r-1", result={"a": 1})
+        yield RunStartedEvent(type=EventType.RUN_STARTED, thread_id="t-py", run_id="r-2")
+        yield RunFinishedEvent(type=EventType.RUN_FINISHED, thread_id="t-py", run_id="r-2", result="text")
+
+    out = [event async for event in trace_agui_stream(events(), obs)]
+    first_id, second_id = out[1].value["traceId"], out[4].value["traceId"]  # type: ignore[attr-defined]
+    assert out[2].result == {"traceId": first_id, "a": 1}  # type: ignore[attr-defined]
+    assert out[5].result == "text" and second_id  # type: ignore[attr-defined]
+    await obs.aclose()
+
+
+async def test_another_replicas_trace_is_refused_from_the_backends_ownership_data(
+    tmp_path: Path, mlflow_backend: Any
+) -> None:
+    """The trace is not in this process's registry (another replica, a restart): the backends'
+    answer, looked up when the request arrived, refuses it."""
+    experiment = f"replicas-{uuid.uuid4().hex[:8]}"
+    first = Observability([mlflow_backend(experiment)], feedback_spool=tmp_path / "a")
+    with serve(TracingMiddleware(agui_app(), observability=first)) as url:
+        _, streamed = await post(url, run_input("thread-owner", "run-1"))
+    [victim] = streamed.trace_ids
+    await first.aclose()
+    stored = mlflow_backend(experiment)
+    await asyncio.to_thread(wait_for_trace, stored.tracking_uri, victim)
+
+    second = Observability([stored], trust_traceparent=True, feedback_spool=tmp_path / "b")
+    graft = {"traceparent": f"00-{victim}-{'2' * 16}-01"}
+    # The lookup the request starts, finished (as it usually is by the response's start).
+    assert second.owners.answered(victim) == "unknown"
+    await asyncio.to_thread(second.owners.lookup, victim)
+    with serve(TracingMiddleware(agui_app(), observability=second)) as url:
+        response_headers, grafted = await post(url, run_input("thread-intruder", "run-2"), graft)
+        _, owner = await post(url, run_input("thread-owner", "run-3"), graft)
+    assert grafted.trace_ids != [victim] and "traceresponse" not in response_headers
+    assert owner.trace_ids == [victim]
+    await second.aclose()
+
+
+async def test_the_sdk_paths_record_the_callers_trace(
+    tmp_path: Path, mlflow_server: Any, langfuse_receiver: LangfuseReceiver
+) -> None:
+    """Langfuse with an app's own client (TraceContext with the parent span) and MLflow through its
+    SDK (the root under the caller's trace id, naming the caller's span: see backends/mlflow.py)."""
+    from langfuse import Langfuse
+
+    from ambient_tracing.backends.langfuse import LangfuseBackend
+
+    key = uuid.uuid4().hex[:8]
+    client = Langfuse(
+        public_key=f"pk-{key}",
+        secret_key=f"sk-{key}",
+        base_url=langfuse_receiver.base_url,
+        flush_at=1,
+        flush_interval=0.05,
+        tracer_provider=TracerProvider(),
+    )
+    sdk_mlflow = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name=f"sdk-{key}", otlp=False)
+    obs = Observability(
+        [LangfuseBackend(client=client, flush_timeout=5), sdk_mlflow],
+        mask_messages=False,
+        trust_traceparent=True,
+        feedback_spool=tmp_path / "spool",
+    )
+    trace_id, caller_span, headers = caller_span_headers()
+    with serve(TracingMiddleware(agui_app(), observability=obs)) as url:
+        _, streamed = await post(url, run_input("thread-sdk", "run-sdk"), headers)
+    assert streamed.trace_ids == [trace_id]
+    spans = langfuse_receiver.wait_for_spans(
+        lambda s: any(x.name == "llm_interaction" and x.trace_id == trace_id for x in s)
+    )
+    [root] = [span for span in spans if span.name == "llm_interaction" and span.trace_id == trace_id]
+    assert root.parent_span_id == caller_span
+    trace = await asyncio.to_thread(
+        wait_for_trace, mlflow_server.url, trace_id, lambda t: len(t.data.spans) >= 2
+    )
+    mlflow_root = next(span for span in trace.data.spans if span.name == "llm_interaction")
+    assert mlflow_root.parent_id is None
+    assert mlflow_root.attributes["ambient.caller_span_id"] == caller_span
+    await obs.aclose()

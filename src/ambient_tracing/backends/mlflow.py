@@ -388,6 +388,10 @@ def _root_fields(run: RunStart) -> tuple[dict[str, Any], dict[str, Any], dict[st
         "ambient.user_id": run.user_id,
         "ambient.user_name": run.user_name,
         "ambient.turn": run.turn_number,
+        # MLflow's SDK cannot open a root under a remote parent without a context manager around
+        # the whole run (start_span_no_context gives a no-op span), so on this path the run's root
+        # stays the trace's root, under the caller's trace id, and names the caller's span here.
+        "ambient.caller_span_id": run.parent_span_id,
     }
     return tags, metadata, attributes
 
