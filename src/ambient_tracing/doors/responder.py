@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ambient_tracing.doors.request_body import RequestBody
 from ambient_tracing.doors.result_id import with_result_trace_id
 from ambient_tracing.doors.sse import SseScanner
+from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.ids import (
     TraceParent,
     new_span_id,
@@ -150,6 +151,8 @@ class RunResponder:
         kind = message["type"]
         if kind == "http.request":
             self._body.feed(message.get("body", b""), message.get("more_body", False))
+            if not message.get("more_body", False):
+                self._prefetch_owner()
         elif kind == "http.disconnect":
             self._disconnected = True
         return message
@@ -180,6 +183,17 @@ class RunResponder:
             else:
                 self._body.drop()  # not a run: its request body is not needed
         await self._send(message)
+
+    def _prefetch_owner(self) -> None:
+        """With runId-derived ids, start the ownership lookup of the id as soon as the body is in,
+        so its answer is more likely there at response start (see :meth:`_settle_caller`)."""
+        if self._traceparent is not None or not self._observability.runs.trace_id_from_run_id:
+            return
+        with capture_internal_exceptions(logger, "could not look the run's derived trace id up"):
+            run_id = self._body.finish().run_id
+            derived = trace_id_from_run_id(run_id) if run_id else None
+            if derived is not None:
+                self._observability.owners.prefetch(derived)
 
     def _with_traceresponse(self, message: Message) -> Message:
         """Settle the run's id now if the request gives it (a trusted traceparent, else the runId
