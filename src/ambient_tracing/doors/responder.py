@@ -272,7 +272,9 @@ class RunResponder:
             return None
         if body[frame.start : frame.end] != b"data: " + frame.data + b"\n\n":
             return None
-        data = with_result_trace_id(frame.data, tracer.trace_id)
+        data = None
+        with capture_internal_exceptions(logger, "could not add result.traceId", once="result_trace_id"):
+            data = with_result_trace_id(frame.data, tracer.trace_id)
         return None if data is None else b"data: " + data + b"\n\n"
 
     async def _sent_whole_frame(self, message: Message, body: bytes) -> bool:

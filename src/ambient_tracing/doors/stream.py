@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -15,9 +16,12 @@ from pydantic import BaseModel
 from ambient_tracing.doors.nesting import request_traced
 from ambient_tracing.doors.responder import TRACE_ID_EVENT_NAME
 from ambient_tracing.doors.result_id import result_with_trace_id
+from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.observability import Observability
 from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
+
+logger = logging.getLogger(__name__)
 
 
 async def trace_agui_stream(
@@ -75,8 +79,11 @@ def _with_result_trace_id(event: BaseEvent, trace_id: str | None) -> BaseEvent:
     """A RUN_FINISHED of a traced run with ``result.traceId`` (a copy; rules in :mod:`.result_id`)."""
     if trace_id is None or getattr(event, "type", None) != EventType.RUN_FINISHED:
         return event
-    changed, result = result_with_trace_id(getattr(event, "result", None), trace_id)
-    return event.model_copy(update={"result": result}) if changed else event
+    with capture_internal_exceptions(logger, "could not add result.traceId", once="result_trace_id"):
+        changed, result = result_with_trace_id(getattr(event, "result", None), trace_id)
+        if changed:
+            return event.model_copy(update={"result": result})
+    return event
 
 
 async def _close(events: AsyncIterator[BaseEvent]) -> None:
