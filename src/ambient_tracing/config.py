@@ -97,6 +97,13 @@ class TracingConfig:
     session_idle_seconds: float | None = DEFAULT_SESSION_IDLE_SECONDS
     #: ``AGENTIC_SESSION_NAMESPACE``: the origin runner's Kubernetes namespace (None when unset).
     namespace: str | None = None
+    #: ``AMBIENT_TRUST_TRACEPARENT``: a W3C ``traceparent`` request header sets the run's trace id
+    #: and parent span (off by default: a caller-chosen id is an attack surface).
+    trust_traceparent: bool = False
+    #: ``AMBIENT_TRACE_ID_FROM_RUN_ID``: a run's trace id is derived from its AG-UI runId.
+    trace_id_from_run_id: bool = False
+    #: ``AMBIENT_RESULT_TRACE_ID``: also put the id in ``RUN_FINISHED.result.traceId``.
+    result_trace_id: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TracingConfig:
@@ -121,6 +128,9 @@ class TracingConfig:
             session_idle_seconds=_seconds(env, "SESSION_METRICS_IDLE_SECONDS", DEFAULT_SESSION_IDLE_SECONDS)
             or None,
             namespace=_label(env.get("AGENTIC_SESSION_NAMESPACE", "")) or None,
+            trust_traceparent=_flag(env, "AMBIENT_TRUST_TRACEPARENT", default=False),
+            trace_id_from_run_id=_flag(env, "AMBIENT_TRACE_ID_FROM_RUN_ID", default=False),
+            result_trace_id=_flag(env, "AMBIENT_RESULT_TRACE_ID", default=False),
         )
 
 

@@ -12,12 +12,68 @@ import hashlib
 import logging
 import os
 import re
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+# W3C Trace Context, version 00 exactly: lowercase hex, no trailing fields.
+_STRICT_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    """A caller's span, from a W3C ``traceparent`` header: the run's trace joins it as a child."""
+
+    trace_id: str  # 32 lowercase hex
+    parent_span_id: str  # 16 lowercase hex: the caller's span
+    flags: str  # 2 hex
+
+
+def parse_traceparent(value: str | bytes | None) -> TraceParent | None:
+    """A ``traceparent`` header validated strictly (version ``00``, lowercase hex, a trace id and a
+    parent id that are not all zero); None for anything else, which is then ignored."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    match = _STRICT_TRACEPARENT.fullmatch(value.strip(" \t"))
+    if match is None:
+        return None
+    trace_id, span_id, flags = match.groups()
+    if trace_id == _ZERO_TRACE_ID or span_id == _ZERO_SPAN_ID:
+        return None
+    return TraceParent(trace_id, span_id, flags)
+
+
+def trace_id_from_run_id(run_id: str) -> str | None:
+    """The trace id a run gets from its AG-UI ``runId`` (``trace_id_from_run_id=True``); a client can
+    compute it before the run:
+
+    - a runId in the canonical UUID form (``8-4-4-4-12`` hex digits, any case, not the nil UUID):
+      its 32 hex digits, lowercased (``crypto.randomUUID().replaceAll("-", "")``);
+    - any other non-empty runId: the first 16 bytes of the SHA-256 of its UTF-8 bytes, as 32
+      lowercase hex (:func:`trace_id_from_seed`).
+
+    None for an empty runId (and for a digest of all zeros, which no runId is known to have).
+    """
+    if not run_id:
+        return None
+    if _UUID.fullmatch(run_id):
+        trace_id = run_id.replace("-", "").lower()
+        if trace_id != _ZERO_TRACE_ID:
+            return trace_id
+    trace_id = trace_id_from_seed(run_id)
+    return None if trace_id == _ZERO_TRACE_ID else trace_id
+
+
+def traceresponse(trace_id: str, span_id: int, sampled: bool = True) -> str:
+    """A W3C Trace Context Level 2 ``traceresponse`` value: the trace and the callee's span."""
+    return f"00-{trace_id}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
 def new_trace_id() -> str:

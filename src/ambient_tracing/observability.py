@@ -100,14 +100,26 @@ class Observability:
         feedback_spool: Path | None = None,
         feedback_retry_seconds: float = DEFAULT_TRACE_WAIT_SECONDS,
         feedback_limits: FeedbackLimits | None = None,
+        trust_traceparent: bool = False,
+        trace_id_from_run_id: bool = False,
+        result_trace_id: bool = False,
     ) -> None:
-        """Long because it is the wiring: each statement builds one part from the options."""
+        """Long because it is the wiring: each statement builds one part from the options.
+
+        Correlation (README, "Correlating with the frontend"), all off by default:
+        ``trust_traceparent`` (a W3C ``traceparent`` request header sets the run's trace id and the
+        root's parent), ``trace_id_from_run_id`` (the id is derived from the runId) and
+        ``result_trace_id`` (the id also goes in ``RUN_FINISHED.result.traceId``)."""
         self.backends: tuple[TracingBackend, ...] = tuple(backends)
         self._setup_lock = threading.Lock()
         self._setup: Future[None] | None = None
         self._stopping = threading.Event()
         self.mask_messages = mask_messages
         self.flush_timeout = flush_timeout
+        #: Whether the middleware lets a ``traceparent`` request header choose the run's trace.
+        self.trust_traceparent = trust_traceparent
+        #: Whether the doors put the id in ``RUN_FINISHED.result.traceId`` too.
+        self.result_trace_id = result_trace_id
         #: The origin runner's namespace (``AGENTIC_SESSION_NAMESPACE``), recorded on every run.
         self.namespace = namespace
         # Read at every run: the active workflow changes while the process runs (config.py reads it).
@@ -136,6 +148,10 @@ class Observability:
             sessions=self._sessions,
             context=self.run_context,
             prepare=self._begin_setup,
+            trace_id_from_run_id=trace_id_from_run_id,
+            owned_elsewhere=lambda trace_id, thread_id: self.owners.owned_by_other(
+                trace_id, self.stored_thread_id(thread_id)
+            ),
         )
         #: Which thread a trace belongs to, asked of the backends (see :mod:`.feedback.owners`).
         self.owners = TraceOwners(
@@ -169,6 +185,9 @@ class Observability:
             feedback_limits=config.feedback_limits,
             session_idle_seconds=config.session_idle_seconds,
             namespace=config.namespace,
+            trust_traceparent=config.trust_traceparent,
+            trace_id_from_run_id=config.trace_id_from_run_id,
+            result_trace_id=config.result_trace_id,
         )
 
     @property

@@ -69,6 +69,13 @@ class RunStart:
     masked: bool = False
     #: The root span's name, given by the tracer.
     name: str = RUN_SPAN_NAME
+    #: The caller's span (16 lowercase hex) when the run joins the caller's trace (a trusted W3C
+    #: ``traceparent``): the run's root is its child. Every backend records that parent: the package's
+    #: records as the root's ``parent_id`` (so any OTLP destination gets it), SDKs through their context.
+    parent_span_id: str | None = None
+    #: The root span's id when it was chosen before the run opened (announced in ``traceresponse``);
+    #: honoured by the package's records, SDKs choose their own.
+    root_span_id: int | None = None
 
 
 @runtime_checkable

@@ -199,6 +199,8 @@ class LangfuseBackend:
             if run.trace_id:
                 if _TRACE_ID.match(run.trace_id.lower()):
                     context = TraceContext(trace_id=run.trace_id.lower())
+                    if run.parent_span_id:  # joined a caller's trace: the root is its span's child
+                        context["parent_span_id"] = run.parent_span_id
                 else:
                     logger.warning("ignoring invalid trace id %r", run.trace_id)
             with _scope(props):

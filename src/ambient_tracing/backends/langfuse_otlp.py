@@ -212,7 +212,7 @@ class LangfuseMapper:
         if self.environment:
             attributes["langfuse.environment"] = self.environment
         attributes["langfuse.observation.type"] = as_type
-        if record.parent_id is None:
+        if record.is_root:
             attributes["langfuse.internal.is_app_root"] = True
         if record.input is not None:
             attributes["langfuse.observation.input"] = _serialize(record.input)

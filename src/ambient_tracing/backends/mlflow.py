@@ -69,6 +69,7 @@ from ambient_tracing.backends.mlflow_otlp import (
     fit_conversation,
     fit_session,
     present,
+    trace_tags,
 )
 from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ambient_tracing.backends.rating import Rating
@@ -387,6 +388,10 @@ def _root_fields(run: RunStart) -> tuple[dict[str, Any], dict[str, Any], dict[st
         "ambient.user_id": run.user_id,
         "ambient.user_name": run.user_name,
         "ambient.turn": run.turn_number,
+        # MLflow's SDK cannot open a root under a remote parent without a context manager around
+        # the whole run (start_span_no_context gives a no-op span), so on this path the run's root
+        # stays the trace's root, under the caller's trace id, and names the caller's span here.
+        "ambient.caller_span_id": run.parent_span_id,
     }
     return tags, metadata, attributes
 
@@ -548,7 +553,7 @@ class _TraceInfoWriter:
 
     def __call__(self, batch: Sequence[SpanRecord]) -> None:
         for record in batch:
-            if record.parent_id is None:
+            if record.is_root:
                 self._write(record)
 
     def environment(self) -> dict[str, str]:
@@ -584,7 +589,8 @@ class _TraceInfoWriter:
             execution_duration=max(0, record.end_ns - record.start_ns) // 1_000_000,
             state=TraceState.ERROR if record.error is not None else TraceState.OK,
             trace_metadata={key: str(value) for key, value in metadata.items() if value is not None},
-            tags={},
+            # A root under a caller's span: the server does not read its tags from it (see trace_tags).
+            tags=trace_tags(record) if record.parent_id is not None else {},
         )
         trace = Trace(info=info, data=TraceData(spans=[]))
         body = message_to_json(StartTraceV3(trace=trace.to_proto()))  # type: ignore[no-untyped-call]

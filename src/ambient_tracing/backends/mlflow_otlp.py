@@ -122,7 +122,7 @@ class MlflowMapper:
 
     def attributes(self, record: SpanRecord) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
-        if record.parent_id is None:
+        if record.is_root:
             attributes.update(self._trace_level(record))
             attributes["mlflow.experimentId"] = self.experiment_id
         attributes.update(fit_conversation(record.attributes or {}))
@@ -147,47 +147,41 @@ class MlflowMapper:
 
     @staticmethod
     def _trace_level(record: SpanRecord) -> dict[str, Any]:
-        """Root span: the run's attributes, the trace tags, session and user. Long because it is one
-        table of the origin runner's names, kept together."""
+        """Root span: the run's attributes, the trace tags, session and user."""
         run = record.run
-        if record.standalone:
-            source = (record.attributes or {}).get("source")
-            tags = {
-                "ambient.thread_id": run.thread_id,
-                "ambient.source": source if isinstance(source, str) else None,
-                "ambient.session_id": run.thread_id,
-                "ambient.user_id": run.user_id,
-                **context_tags(record.attributes or {}),
-            }
-            attributes: dict[str, Any] = {
-                "ambient.runner_type": run.runner_type,
-                "ambient.session_id": run.thread_id,
-                "ambient.user_id": run.user_id,
-            }
-        else:
-            tags = {
-                "ambient.thread_id": run.thread_id,
-                "ambient.run_id": run.run_id,
-                "ambient.session_id": run.thread_id,  # the origin runner's trace tags
-                "ambient.user_id": run.user_id,
-                **context_tags(record.attributes or {}),
-            }
-            attributes = {
-                "ambient.runner_type": run.runner_type,
-                "ambient.session_id": run.thread_id,
-                "ambient.user_id": run.user_id,
-                "ambient.user_name": run.user_name,
-                "ambient.turn": run.turn_number,
-            }
+        attributes: dict[str, Any] = {
+            "ambient.runner_type": run.runner_type,
+            "ambient.session_id": run.thread_id,
+            "ambient.user_id": run.user_id,
+        }
+        if not record.standalone:
+            attributes["ambient.user_name"] = run.user_name
+            attributes["ambient.turn"] = run.turn_number
         # Session and user as OTLP ingest reads them, so the trace has them from its first moment
         # (the rest of its metadata follows in one StartTraceV3 call).
         attributes["session.id"] = fit_session(run.thread_id) or None
         attributes["user.id"] = run.user_id
-        tags["mlflow.traceName"] = record.name
-        for key, value in tags.items():
-            if value is not None:
-                attributes[TAG_PREFIX + key] = value
+        for key, value in trace_tags(record).items():
+            attributes[TAG_PREFIX + key] = value
         return present(attributes)
+
+
+def trace_tags(record: SpanRecord) -> dict[str, str]:
+    """The trace tags of a root record (the origin runner's, and ``mlflow.traceName``). The server
+    reads them from a root span's ``mlflow.traceTag.<key>`` attributes, but only from a span without
+    a parent: a run that joined a caller's trace sends them in its StartTraceV3 call too."""
+    run = record.run
+    tags: dict[str, Any] = {"ambient.thread_id": run.thread_id}
+    if record.standalone:
+        source = (record.attributes or {}).get("source")
+        tags["ambient.source"] = source if isinstance(source, str) else None
+    else:
+        tags["ambient.run_id"] = run.run_id
+    tags["ambient.session_id"] = run.thread_id  # the origin runner's trace tags
+    tags["ambient.user_id"] = run.user_id
+    tags.update(context_tags(record.attributes or {}))
+    tags["mlflow.traceName"] = record.name
+    return {key: value for key, value in tags.items() if value is not None}
 
 
 def fit_session(thread_id: str | None) -> str | None:

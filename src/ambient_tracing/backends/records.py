@@ -41,7 +41,9 @@ class SpanRecord:
 
     ``run`` is the run's :class:`RunStart` (trace-level facts: session, user, tags), shared by all
     spans of the run. ``standalone`` marks a finished span recorded as its own trace
-    (``record_span``, e.g. Session Metrics) rather than a span of a run.
+    (``record_span``, e.g. Session Metrics) rather than a span of a run. ``is_root``: the top span
+    of the package's part of the trace (a run's root, a standalone span); its ``parent_id`` is None,
+    or the caller's span when the run joined a caller's trace (a remote parent).
     """
 
     __slots__ = (
@@ -51,6 +53,7 @@ class SpanRecord:
         "error",
         "input",
         "input_set",
+        "is_root",
         "kind",
         "model",
         "name",
@@ -76,10 +79,13 @@ class SpanRecord:
         attributes: Mapping[str, Any] | None = None,
         start_ns: int | None = None,
         standalone: bool = False,
+        is_root: bool | None = None,
+        span_id: int | None = None,
     ) -> None:
         self.trace_id = trace_id
-        self.span_id = _new_span_id()
+        self.span_id = span_id or _new_span_id()
         self.parent_id = parent_id
+        self.is_root = parent_id is None if is_root is None else is_root
         self.name = name
         self.kind = kind
         self.run = run
@@ -108,17 +114,20 @@ class RecordSpan:
 
     @classmethod
     def open_run(cls, run: RunStart, sinks: Sequence[SpanSink]) -> RecordSpan:
-        """The run's root span, under ``run.trace_id`` (which must be set)."""
+        """The run's root span, under ``run.trace_id`` (which must be set); a child of the caller's
+        span when the run joined a caller's trace (``run.parent_span_id``)."""
         assert run.trace_id is not None
         record = SpanRecord(
             run.trace_id,
-            None,
+            int(run.parent_span_id, 16) if run.parent_span_id else None,
             run.name,
             SpanKind.RUN,
             run,
             input=run.input,
             attributes=run.attributes,
             start_ns=run.start_time_ns,
+            is_root=True,
+            span_id=run.root_span_id,
         )
         return cls(record, sinks)
 

@@ -2,6 +2,10 @@
 
 Every body chunk is forwarded in order and unchanged, and traced only after its bytes are out; the
 one addition is a ``CUSTOM ambient:trace_id`` frame sent right after each run's RUN_STARTED frame.
+Opt-in additions (README, "Correlating with the frontend"): a ``traceresponse`` header when the
+run's id is settled at response start (a trusted ``traceparent``, or ``trace_id_from_run_id``), and
+``RUN_FINISHED.result.traceId`` (:mod:`.result_id`). A response that declares ``Content-Length``
+gets neither body addition (its length must stay true); headers can always be added.
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ from typing import Any, NamedTuple
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ambient_tracing.doors.request_body import RequestBody
+from ambient_tracing.doors.result_id import with_result_trace_id
 from ambient_tracing.doors.sse import SseScanner
+from ambient_tracing.failures import capture_internal_exceptions
+from ambient_tracing.ids import (
+    TraceParent,
+    new_span_id,
+    parse_traceparent,
+    trace_id_from_run_id,
+    traceresponse,
+)
 from ambient_tracing.observability import Observability
 from ambient_tracing.tracer.handlers import StreamTracer
+from ambient_tracing.tracer.request import CallerTrace
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +48,17 @@ def trace_id_frame(trace_id: str) -> bytes:
         "timestamp": int(time.time() * 1000),
     }
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def request_traceparent(scope: Scope) -> TraceParent | None:
+    """The request's ``traceparent`` header, strictly valid, or None (absent, invalid, repeated)."""
+    values = [value for name, value in scope.get("headers", ()) if name.lower() == b"traceparent"]
+    return parse_traceparent(values[0]) if len(values) == 1 else None
+
+
+def with_header(message: Message, name: bytes, value: str) -> Message:
+    """A copy of a response start with one more header; everything else as it was."""
+    return {**message, "headers": [*message.get("headers", ()), (name, value.encode("latin-1"))]}
 
 
 def declares_length(message: Message) -> bool:
@@ -62,6 +87,7 @@ class RunResponder:
         "_announce",
         "_app",
         "_body",
+        "_caller",
         "_disconnected",
         "_finished",
         "_observability",
@@ -70,6 +96,7 @@ class RunResponder:
         "_scope",
         "_send",
         "_skip",
+        "_traceparent",
         "_tracer",
         "_user",
     )
@@ -97,6 +124,10 @@ class RunResponder:
         self._skip: bytes | None = None  # see _sent_whole_frame
         # False for a body of declared length: its runs are traced, their ids not inserted.
         self._announce = True
+        self._caller: CallerTrace | None = None  # the run's id when settled at response start
+        self._traceparent = request_traceparent(scope) if observability.trust_traceparent else None
+        if self._traceparent is not None:  # the owner check reads the answer at response start
+            observability.owners.prefetch(self._traceparent.trace_id)
 
     @property
     def traces_response(self) -> bool:
@@ -120,6 +151,8 @@ class RunResponder:
         kind = message["type"]
         if kind == "http.request":
             self._body.feed(message.get("body", b""), message.get("more_body", False))
+            if not message.get("more_body", False):
+                self._prefetch_owner()
         elif kind == "http.disconnect":
             self._disconnected = True
         return message
@@ -146,9 +179,51 @@ class RunResponder:
             if is_event_stream(message):
                 self._scanner = SseScanner()
                 self._announce = not declares_length(message)
+                message = self._with_traceresponse(message)
             else:
                 self._body.drop()  # not a run: its request body is not needed
         await self._send(message)
+
+    def _prefetch_owner(self) -> None:
+        """With runId-derived ids, start the ownership lookup of the id as soon as the body is in,
+        so its answer is more likely there at response start (see :meth:`_settle_caller`)."""
+        if self._traceparent is not None or not self._observability.runs.trace_id_from_run_id:
+            return
+        with capture_internal_exceptions(logger, "could not look the run's derived trace id up"):
+            run_id = self._body.finish().run_id
+            derived = trace_id_from_run_id(run_id) if run_id else None
+            if derived is not None:
+                self._observability.owners.prefetch(derived)
+
+    def _with_traceresponse(self, message: Message) -> Message:
+        """Settle the run's id now if the request gives it (a trusted traceparent, else the runId
+        when ids derive from it), admitted as :meth:`Runs.admit <ambient_tracing.tracer.runs.Runs.admit>`
+        decides; the response start then carries it in ``traceresponse``."""
+        try:
+            self._caller = caller = self._settle_caller()
+            if caller is None or not self._observability.spans.records(caller.trace_id):
+                return message
+            assert caller.root_span_id is not None
+            return with_header(message, b"traceresponse", traceresponse(caller.trace_id, caller.root_span_id))
+        except Exception as exc:  # the response matters more than the header
+            logger.warning("could not settle the run's trace id at response start: %r", exc)
+            self._caller = None
+            return message
+
+    def _settle_caller(self) -> CallerTrace | None:
+        runs = self._observability.runs
+        parent = self._traceparent
+        if parent is None and not runs.trace_id_from_run_id:
+            return None
+        request = self._body.finish()
+        thread_id = request.thread_id
+        if parent is not None and runs.admit(parent.trace_id, thread_id, "traceparent"):
+            return CallerTrace(parent.trace_id, parent.parent_span_id, new_span_id())
+        run_id = request.run_id
+        derived = trace_id_from_run_id(run_id) if runs.trace_id_from_run_id and run_id else None
+        if derived is not None and runs.admit(derived, thread_id, "runId"):
+            return CallerTrace(derived, None, new_span_id(), run_id)
+        return None
 
     async def _send_traced(self, message: Message) -> None:
         """Forward one body chunk and trace its events after their bytes are out. Only a run's
@@ -167,6 +242,12 @@ class RunResponder:
         start = 0
         later: list[_Frame] = []
         for frame in frames:
+            if frame.kind == "RUN_FINISHED" and (replaced := self._result_frame(body, frame)) is not None:
+                await self._send_part(body[start : frame.start])
+                await self._send_part(replaced)
+                start = frame.end
+                later.append(frame)
+                continue
             if frame.kind != "RUN_STARTED":
                 later.append(frame)
                 continue
@@ -182,6 +263,20 @@ class RunResponder:
         if not more_body:
             self._close(None)
 
+    def _result_frame(self, body: bytes, frame: _Frame) -> bytes | None:
+        """The RUN_FINISHED frame with ``result.traceId`` (opt-in), or None to send it as it is: when
+        off, when the body has a declared length, when the run is not traced, and when the frame is
+        not one canonical ``data: <json>\n\n`` whole in this chunk (its bytes are never re-split)."""
+        tracer = self._tracer
+        if not (self._observability.result_trace_id and self._announce and tracer and tracer.trace_id):
+            return None
+        if body[frame.start : frame.end] != b"data: " + frame.data + b"\n\n":
+            return None
+        data = None
+        with capture_internal_exceptions(logger, "could not add result.traceId", once="result_trace_id"):
+            data = with_result_trace_id(frame.data, tracer.trace_id)
+        return None if data is None else b"data: " + data + b"\n\n"
+
     async def _sent_whole_frame(self, message: Message, body: bytes) -> bool:
         """The common case, kept flat: a chunk that is one whole frame, type-first, of a run already
         traced. Sent, then traced; a type the tracer does not want now is not parsed, and frames of
@@ -196,6 +291,8 @@ class RunResponder:
         typed = _event_type(data)
         if typed is None or typed[0] == "RUN_STARTED":
             return False  # parsed or announced on the general path; the scanner saw nothing yet
+        if typed[0] == "RUN_FINISHED" and self._observability.result_trace_id:
+            return False  # result.traceId is added on the general path
         kind, end = typed
         await self._send(message)
         if tracer.wants(kind):
@@ -217,7 +314,9 @@ class RunResponder:
             self._finished = True
             found += [(len(body), data) for _, data in scanner.finish()]
         frames = []
+        start = 0
         for end, data in found:
+            begin, start = start, end
             if data is None:
                 continue
             typed = _event_type(data)
@@ -228,7 +327,7 @@ class RunResponder:
                 if event is None:
                     continue
                 kind = event.get("type")
-            frames.append(_Frame(end, data, kind if isinstance(kind, str) else None, event))
+            frames.append(_Frame(begin, end, data, kind if isinstance(kind, str) else None, event))
         return frames
 
     def _trace_all(self, frames: list[_Frame]) -> None:
@@ -278,7 +377,7 @@ class RunResponder:
         tracer = self._tracer
         if tracer is None:
             user_id, user_name = self._user(self._scope)
-            request = self._body.finish().with_user(user_id, user_name)
+            request = self._body.finish().with_user(user_id, user_name).with_caller(self._caller)
             tracer = self._tracer = StreamTracer(self._observability.runs, request)
         return tracer
 
@@ -297,6 +396,7 @@ class RunResponder:
 
 
 class _Frame(NamedTuple):
+    start: int  # offset in the chunk just after the previous frame (0: it may have begun earlier)
     end: int  # offset in the chunk just after the frame's blank line
     data: bytes
     kind: str | None  # the event's type, when known without parsing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -14,9 +15,13 @@ from pydantic import BaseModel
 
 from ambient_tracing.doors.nesting import request_traced
 from ambient_tracing.doors.responder import TRACE_ID_EVENT_NAME
+from ambient_tracing.doors.result_id import result_with_trace_id
+from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.observability import Observability
 from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.request import RunRequest
+
+logger = logging.getLogger(__name__)
 
 
 async def trace_agui_stream(
@@ -30,7 +35,9 @@ async def trace_agui_stream(
     """Yield every event of ``events`` unchanged, tracing each run; after each RUN_STARTED that
     is traced, also yield ``CustomEvent(name="ambient:trace_id", value={"traceId": ...})``.
 
-    ``run_input`` (a RunAgentInput or its dict) gives the thread, run and user message. When the
+    ``run_input`` (a RunAgentInput or its dict) gives the thread, run and user message. With
+    ``result_trace_id`` on, a traced run's RUN_FINISHED is yielded as a copy whose ``result`` carries
+    ``traceId`` (see :mod:`.result_id`). When the
     consumer stops early, the run is ended as cancelled and ``events`` is closed too. Inside a
     request that :class:`~ambient_tracing.TracingMiddleware` traces, events pass through untouched
     (the middleware records the run and sends its id once).
@@ -48,6 +55,8 @@ async def trace_agui_stream(
     tracer = StreamTracer(observability.runs, RunRequest.from_input(run_input).with_user(user_id, user_name))
     try:
         async for event in events:
+            if observability.result_trace_id:
+                event = _with_result_trace_id(event, tracer.trace_id)
             try:
                 trace_id = tracer.on_event(_EventView(event))
             except Exception as exc:  # tracing must never break the stream
@@ -64,6 +73,17 @@ async def trace_agui_stream(
         tracer.close(f"{type(exc).__name__}: {exc}")
         raise
     tracer.close()
+
+
+def _with_result_trace_id(event: BaseEvent, trace_id: str | None) -> BaseEvent:
+    """A RUN_FINISHED of a traced run with ``result.traceId`` (a copy; rules in :mod:`.result_id`)."""
+    if trace_id is None or getattr(event, "type", None) != EventType.RUN_FINISHED:
+        return event
+    with capture_internal_exceptions(logger, "could not add result.traceId", once="result_trace_id"):
+        changed, result = result_with_trace_id(getattr(event, "result", None), trace_id)
+        if changed:
+            return event.model_copy(update={"result": result})
+    return event
 
 
 async def _close(events: AsyncIterator[BaseEvent]) -> None:

@@ -161,6 +161,35 @@ class TraceOwners:
             logger.debug("owner of trace %s not known now: %r", trace_id, exc)
             return "unknown"
 
+    def answered(self, trace_id: str) -> Stored | Literal["unknown"] | None:
+        """Never blocks: the cached answer of :meth:`lookup` (``"unknown"`` when there is none yet, or
+        no backend can answer); when none, a lookup is started in the lookup threads, so a later
+        call has it. For a trace id chosen by a caller (see :meth:`Runs.admit
+        <ambient_tracing.tracer.runs.Runs.admit>`), checked without delaying the stream."""
+        if not self.owners:
+            return "unknown"
+        with self._lock:
+            cached = self._cache.get(trace_id)
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+        self.prefetch(trace_id)
+        return "unknown"
+
+    def owned_by_other(self, trace_id: str, stored_thread_id: str | None) -> bool:
+        """Never blocks: whether the backends have answered that ``trace_id`` is a trace of a thread
+        other than ``stored_thread_id`` (as stored); False while no answer is cached."""
+        stored = self.answered(trace_id)
+        return isinstance(stored, Stored) and stored.verdict(stored_thread_id) == "other"
+
+    def prefetch(self, trace_id: str) -> None:
+        """Start looking ``trace_id`` up in the lookup threads (when busy or closed: not at all)."""
+        if not self.owners:
+            return
+        try:
+            self._workers.submit(lambda: self.lookup(trace_id))
+        except Exception as exc:  # Busy, closed: the check then relies on this process's registry
+            logger.debug("owner of trace %s not looked up: %r", trace_id, exc)
+
     def latest_trace_id(self, thread_id: str) -> str | None:
         """Blocking: the thread's newest trace in the first backend that knows one. Raises when every
         backend failed."""

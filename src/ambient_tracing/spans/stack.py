@@ -65,6 +65,10 @@ class SpanStack:
             return None
         return spans[0] if len(spans) == 1 else FanoutSpan(spans, run.trace_id)
 
+    def records(self, trace_id: str) -> bool:
+        """Whether some backend would record a run under ``trace_id`` now (the check :meth:`open` makes)."""
+        return any(_accepts(backend, trace_id) for backend in self.backends)
+
 
 def _accepts(backend: TracingBackend, trace_id: str) -> bool:
     what = f"{backend.name} could not tell whether it records a run"

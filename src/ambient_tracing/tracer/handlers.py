@@ -305,12 +305,19 @@ class StreamTracer:
         user_message = (
             last_user_message(run_input.get("messages")) if isinstance(run_input, Mapping) else None
         )
+        run_id = _str(event.get("runId")) or request.run_id
+        caller = request.caller
+        if caller is not None and caller.applies_to(run_id):
+            self._request = request.with_caller(None)  # one run per settled id
+        else:
+            caller = None
         opened = self._runs.open(
             thread_id=_str(event.get("threadId")) or request.thread_id,
-            run_id=_str(event.get("runId")) or request.run_id,
+            run_id=run_id,
             user_id=request.user_id,
             user_name=request.user_name,
             input=user_message if user_message is not None else request.user_message,
+            caller=caller,
         )
         if opened is None:
             return None

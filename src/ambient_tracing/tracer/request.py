@@ -9,6 +9,25 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
+class CallerTrace:
+    """A trace id settled before the run opened (by the middleware, at response start, so it can go
+    in the ``traceresponse`` header), already admitted by :meth:`Runs.admit
+    <ambient_tracing.tracer.runs.Runs.admit>`: from a trusted ``traceparent`` (then with the
+    caller's span as the root's parent) or derived from the request's runId."""
+
+    trace_id: str
+    #: The caller's span (16 hex), from ``traceparent``; None for a runId-derived id.
+    parent_span_id: str | None = None
+    #: The root span's id, announced in ``traceresponse``.
+    root_span_id: int | None = None
+    #: The runId the id was derived from: it applies only to the run with that runId.
+    run_id: str | None = None
+
+    def applies_to(self, run_id: str | None) -> bool:
+        return self.run_id is None or run_id in (None, self.run_id)
+
+
+@dataclass(frozen=True, slots=True)
 class RunRequest:
     """The parts of a RunAgentInput (plus the caller's identity) that a trace records."""
 
@@ -17,6 +36,8 @@ class RunRequest:
     user_message: Any = None
     user_id: str | None = None
     user_name: str | None = None
+    #: The trace id settled before the stream (the first run of the stream that it applies to uses it).
+    caller: CallerTrace | None = None
 
     @classmethod
     def from_input(cls, run_input: Any) -> RunRequest:
@@ -41,6 +62,9 @@ class RunRequest:
 
     def with_user(self, user_id: str | None, user_name: str | None) -> RunRequest:
         return replace(self, user_id=user_id, user_name=user_name)
+
+    def with_caller(self, caller: CallerTrace | None) -> RunRequest:
+        return replace(self, caller=caller)
 
 
 def last_user_message(messages: Any) -> Any:
