@@ -30,6 +30,7 @@ from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.node_client import run_script
 from tests.support.server import serve
+from tests.test_otel_backend import otel_spans, otel_to
 
 
 async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[httpx.Headers, Streamed]:
@@ -53,12 +54,13 @@ def caller_span_headers() -> tuple[str, str, dict[str, str]]:
     return f"{context.trace_id:032x}", f"{context.span_id:016x}", headers
 
 
-async def test_a_trusted_traceparent_puts_the_run_under_the_callers_span_in_mlflow_and_langfuse(
+async def test_a_trusted_traceparent_puts_the_run_under_the_callers_span_in_every_backend(
     tmp_path: Path, mlflow_backend: Any, langfuse_backend: Any, langfuse_receiver: LangfuseReceiver
 ) -> None:
     mlflow_side: MlflowBackend = mlflow_backend()
+    otel_side = otel_to(langfuse_receiver)  # the OpenTelemetry backend, to the same loopback decoder
     obs = Observability(
-        [langfuse_backend(), mlflow_side],
+        [langfuse_backend(), mlflow_side, otel_side],
         mask_messages=False,
         trust_traceparent=True,
         feedback_spool=tmp_path / "spool",
@@ -70,10 +72,25 @@ async def test_a_trusted_traceparent_puts_the_run_under_the_callers_span_in_mlfl
     announced = parse_traceparent(response_headers["traceresponse"])
     assert announced is not None and announced.trace_id == trace_id and announced.flags == "01"
 
+    otel = otel_spans(langfuse_receiver, trace_id, 2)
+    assert otel["llm_interaction"].parent_span_id == caller_span
+    assert otel["llm_interaction"].span_id == announced.parent_span_id
+    assert otel["tool_search"].parent_span_id == otel["llm_interaction"].span_id
+    assert otel["llm_interaction"].attributes["gen_ai.operation.name"] == "invoke_agent"
+
     spans = langfuse_receiver.wait_for_spans(
-        lambda s: any(x.name == "tool_search" and x.trace_id == trace_id for x in s)
+        lambda s: any(
+            x.name == "tool_search"
+            and x.trace_id == trace_id
+            and x.resource.get("service.name") != "otel-test"
+            for x in s
+        )
     )
-    by_name = {span.name: span for span in spans if span.trace_id == trace_id}
+    by_name = {
+        span.name: span
+        for span in spans
+        if span.trace_id == trace_id and span.resource.get("service.name") != "otel-test"
+    }
     root = by_name["llm_interaction"]
     assert root.parent_span_id == caller_span
     assert root.span_id == announced.parent_span_id  # traceresponse names the run's root span

@@ -152,7 +152,7 @@ class OtelMapper:
             attributes["gen_ai.conversation.id"] = run.thread_id
         if run.user_id:
             attributes["user.id"] = run.user_id
-        if record.parent_id is None:
+        if record.is_root:
             attributes.update(run_attributes(record))
         for source in (record.attributes, record.end_attributes):
             for key, value in (source or {}).items():

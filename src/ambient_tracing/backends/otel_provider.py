@@ -216,7 +216,7 @@ class ProviderSink:
         trace_id = int(record.trace_id, 16)
         context = Context()
         if record.parent_id is not None:
-            parent = SpanContext(trace_id, record.parent_id, is_remote=False, trace_flags=_SAMPLED)
+            parent = SpanContext(trace_id, record.parent_id, is_remote=record.is_root, trace_flags=_SAMPLED)
             context = trace.set_span_in_context(NonRecordingSpan(parent), context)
         ids.choose(trace_id, record.span_id)
         span = tracer.start_span(
