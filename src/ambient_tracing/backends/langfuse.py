@@ -43,14 +43,9 @@ from ambient_tracing.backends.langfuse_otlp import (
     usage_details,
 )
 from ambient_tracing.backends.langfuse_scores import ScoreApi
-from ambient_tracing.backends.otlp import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_INTERVAL,
-    DEFAULT_MAX_QUEUE,
-    DEFAULT_TIMEOUT,
-    OtlpExporter,
-)
+from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ambient_tracing.backends.rating import Rating
+from ambient_tracing.backends.record_queue import DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, DEFAULT_MAX_QUEUE
 from ambient_tracing.backends.records import RecordSpan, standalone_record
 from ambient_tracing.failures import first_time
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from ambient_tracing.backends.base import RunStart, Span, SpanSink
 from ambient_tracing.backends.otel_mapper import SCOPE_NAME, TRACES_PATH, OtelMapper
-from ambient_tracing.backends.otlp import DEFAULT_INTERVAL, DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT, OtlpExporter
+from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
+from ambient_tracing.backends.record_queue import DEFAULT_INTERVAL, DEFAULT_MAX_QUEUE
 from ambient_tracing.backends.records import RecordSpan, standalone_record
 from ambient_tracing.failures import capture_internal_exceptions
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new

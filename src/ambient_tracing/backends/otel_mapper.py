@@ -18,22 +18,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ambient_tracing.backends.base import SpanKind, TokenUsage
-from ambient_tracing.backends.mlflow_otlp import GEN_AI_USAGE
+from ambient_tracing.backends.mlflow_otlp import GEN_AI_USAGE, SPAN_TYPES
 from ambient_tracing.backends.otlp import STATUS_ERROR, STATUS_UNSET, Scope
 from ambient_tracing.backends.records import SpanRecord
 
 TRACES_PATH = "/v1/traces"
 DEFAULT_SERVICE_NAME = "ambient-tracing"
 SCOPE_NAME = "ambient_tracing"
-#: OpenInference span kinds (what Phoenix shows and filters on).
-SPAN_KINDS = {
-    SpanKind.RUN: "AGENT",
-    SpanKind.TOOL: "TOOL",
-    SpanKind.STEP: "CHAIN",
-    SpanKind.REASONING: "LLM",
-    SpanKind.SUBAGENT: "AGENT",
-    SpanKind.GENERATION: "LLM",
-}
+#: OpenInference span kinds (what Phoenix shows and filters on): the same as MLflow's span types.
+SPAN_KINDS = SPAN_TYPES
 #: GenAI operation of spans whose tracer attributes do not name one.
 OPERATIONS = {SpanKind.SUBAGENT: "invoke_agent", SpanKind.REASONING: "chat", SpanKind.GENERATION: "chat"}
 # TokenUsage field -> OpenInference's token counts (Phoenix sums these into a trace's tokens).

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +22,9 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCod
 
 from ambient_tracing.backends.base import RUN_SPAN_NAME
 from ambient_tracing.backends.otel_mapper import SCOPE_NAME, OtelMapper
-from ambient_tracing.backends.otlp import DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUE, STATUS_ERROR
-from ambient_tracing.backends.records import SpanRecord, outgoing_record
+from ambient_tracing.backends.otlp import STATUS_ERROR
+from ambient_tracing.backends.record_queue import DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUE, RecordQueue
+from ambient_tracing.backends.records import SpanRecord
 from ambient_tracing.failures import capture_internal_exceptions, warn_once
 
 logger = logging.getLogger(__name__)
@@ -89,12 +89,13 @@ def root_sampled(tracer: Any, trace_id: str) -> bool:
     return bool(result.decision.is_sampled())
 
 
-class ProviderSink:
-    """Replays ended span records into a ``TracerProvider`` from one daemon thread.
+class ProviderSink(RecordQueue):
+    """Replays ended span records into a ``TracerProvider`` from its own thread (the queue and the
+    thread are :class:`~.record_queue.RecordQueue`'s).
 
     ``provider`` is called on that thread for the provider to use (e.g. the global one, looked up
-    each batch so that a provider installed later is found). ``submit`` never blocks; ``flush``
-    waits (bounded) for the queue, then for the provider's own ``force_flush``.
+    each batch so that a provider installed later is found). A flush also waits (bounded) for the
+    provider's own ``force_flush``; the app's provider is never shut down.
     """
 
     def __init__(
@@ -106,20 +107,15 @@ class ProviderSink:
         batch_size: int = DEFAULT_BATCH_SIZE,
         interval: float = 0.2,
     ) -> None:
-        self.name = "otel"
+        super().__init__(
+            "otel",
+            thread_name="ambient-tracing-otel",
+            max_queue=max_queue,
+            batch_size=batch_size,
+            interval=interval,
+        )
         self._provider = provider
         self.mapper = mapper
-        self._queue: deque[SpanRecord] = deque(maxlen=max(1, max_queue))
-        self._batch_size = max(1, batch_size)
-        self._interval = interval
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._waiters: list[threading.Event] = []
-        self._thread: threading.Thread | None = None
-        self.exported = 0
-        self.dropped = 0
-        self.failed = 0
 
     def tracer(self) -> Any | None:
         """The provider's SDK tracer for the package's scope; None (warned once) when it has none."""
@@ -135,74 +131,13 @@ class ProviderSink:
             return found
         return None
 
-    def submit(self, record: SpanRecord) -> None:
-        queue = self._queue
-        if len(queue) == queue.maxlen:
-            self.dropped += 1
-            if self.dropped == 1:
-                logger.warning("otel replay is behind; dropping the oldest spans (counted in .dropped)")
-        queue.append(record)
-        if self._thread is None:
-            self._start()
-        elif len(queue) >= self._batch_size:
-            self._wake.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far was replayed and the provider flushed it."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            return not self._queue
-        done = threading.Event()
-        with self._lock:
-            self._waiters.append(done)
-        self._wake.set()
-        return done.wait(max(timeout, 0.0))
-
-    def shutdown(self, timeout: float) -> bool:
-        """Flush (bounded), then stop the thread; the app's provider is left running."""
-        flushed = self.flush(timeout)
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, min(timeout, 1.0)))
-        return flushed
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None and not self._stopping.is_set():
-                self._thread = threading.Thread(target=self._work, name="ambient-tracing-otel", daemon=True)
-                self._thread.start()
-
-    def _work(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            with self._lock:
-                waiters, self._waiters = self._waiters, []
-            if self._queue:
-                self._replay_all()
-            if waiters:
-                with capture_internal_exceptions(logger, "OpenTelemetry force_flush failed", once="flush"):
-                    force_flush = getattr(self._provider(), "force_flush", None)
-                    if callable(force_flush):
-                        force_flush(10_000)
-            for waiter in waiters:
-                waiter.set()
-
-    def _replay_all(self) -> None:
+    def _deliver(self, batch: list[SpanRecord]) -> None:
         tracer = self.tracer()
-        queue = self._queue
         if tracer is None:
-            self.failed += len(queue)
-            queue.clear()
+            self.failed += len(batch)
             return
         ids = chosen_ids(tracer)
-        while queue and not self._stopping.is_set():
-            record = outgoing_record(queue.popleft())
+        for record in batch:
             try:
                 self._replay(tracer, ids, record)
                 self.exported += 1
@@ -211,6 +146,12 @@ class ProviderSink:
                 warn_once(logger, "replay", "otel could not replay a span: %r", exc)
             finally:
                 ids.clear()
+
+    def _after_flush(self) -> None:
+        with capture_internal_exceptions(logger, "OpenTelemetry force_flush failed", once="flush"):
+            force_flush = getattr(self._provider(), "force_flush", None)
+            if callable(force_flush):
+                force_flush(10_000)
 
     def _replay(self, tracer: Any, ids: ChosenIds, record: SpanRecord) -> None:
         trace_id = int(record.trace_id, 16)

@@ -16,10 +16,8 @@ import contextlib
 import gzip
 import http.client
 import logging
-import threading
 import time
 import urllib.parse
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -28,7 +26,13 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from ambient_tracing.backends.records import SpanRecord, outgoing_record
+from ambient_tracing.backends.record_queue import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_INTERVAL,
+    DEFAULT_MAX_QUEUE,
+    RecordQueue,
+)
+from ambient_tracing.backends.records import SpanRecord
 from ambient_tracing.failures import warn_once
 
 logger = logging.getLogger(__name__)
@@ -37,9 +41,6 @@ STATUS_UNSET = Status.STATUS_CODE_UNSET
 STATUS_OK = Status.STATUS_CODE_OK
 STATUS_ERROR = Status.STATUS_CODE_ERROR
 
-DEFAULT_MAX_QUEUE = 10_000
-DEFAULT_BATCH_SIZE = 512
-DEFAULT_INTERVAL = 1.0
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 3
 DEFAULT_RETRY_DELAY = 0.5  # doubled after each failed try, at most 8 s
@@ -178,15 +179,13 @@ def _encode_span(span: ProtoSpan, record: SpanRecord, mapper: SpanMapper) -> Non
             span.status.message = valid_text(message)
 
 
-class OtlpExporter:
-    """One destination: a bounded queue and one daemon thread that sends batches by OTLP/HTTP.
-
-    ``submit`` never blocks and never raises. ``flush`` and ``shutdown`` block, each bounded by its
-    timeout. ``on_exported`` runs on the exporter thread after each batch the destination accepted
-    (e.g. a call that sets what OTLP cannot carry). Counters: ``exported``, ``dropped`` (queue full:
-    oldest dropped; the first drop is logged), ``failed`` (rejected by the destination, or still
-    failing after the retries). A network error, 408, 429 or 5xx is retried ``retries`` times after
-    ``retry_delay`` seconds, doubling; any other status is final. Each try is bounded by ``timeout``.
+class OtlpExporter(RecordQueue):
+    """One destination: batches of records encoded and sent by OTLP/HTTP (the queue and its thread
+    are :class:`~.record_queue.RecordQueue`'s). ``on_exported`` runs on the exporter thread after
+    each batch the destination accepted (e.g. a call that sets what OTLP cannot carry). ``failed``
+    counts what the destination rejected or what still failed after the retries: a network error,
+    408, 429 or 5xx is retried ``retries`` times after ``retry_delay`` seconds, doubling; any other
+    status is final. Each try is bounded by ``timeout``.
     """
 
     def __init__(
@@ -209,7 +208,13 @@ class OtlpExporter:
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {endpoint!r}")
-        self.name = name
+        super().__init__(
+            name,
+            thread_name=f"ambient-tracing-otlp-{name}",
+            max_queue=max_queue,
+            batch_size=batch_size,
+            interval=interval,
+        )
         self.endpoint = endpoint
         self.mapper = mapper
         self._url = url
@@ -217,120 +222,38 @@ class OtlpExporter:
         if compress:
             self._headers["Content-Encoding"] = "gzip"
         self._compress = compress
-        self._queue: deque[SpanRecord] = deque(maxlen=max(1, max_queue))
-        self._batch_size = max(1, batch_size)
-        self._interval = max(0.001, interval)
         self._timeout = timeout
         self._retries = max(0, retries)
         self._retry_delay = max(0.0, retry_delay)
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._waiters: list[threading.Event] = []
-        self._thread: threading.Thread | None = None
         self._connection: http.client.HTTPConnection | None = None
-        self._stuck = False
         self._on_exported = on_exported
-        self.exported = 0
-        self.dropped = 0
-        self.failed = 0
-
-    # -- any thread, never blocks --------------------------------------------------------------
-
-    def submit(self, record: SpanRecord) -> None:
-        queue = self._queue
-        if len(queue) == queue.maxlen:
-            self.dropped += 1  # deque(maxlen) drops the oldest on append
-            if self.dropped == 1:
-                logger.warning(
-                    "%s export is behind (%d spans queued); dropping the oldest spans "
-                    "(counted in .dropped; not logged again)",
-                    self.name,
-                    queue.maxlen,
-                )
-        queue.append(record)
-        if self._thread is None:
-            self._start()
-        elif len(queue) >= self._batch_size:
-            self._wake.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    # -- blocking ---------------------------------------------------------------------------------
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything submitted so far was sent (or given up); False on timeout."""
-        if self._thread is None or not self._thread.is_alive():
-            return not self._queue
-        done = threading.Event()
-        with self._lock:
-            self._waiters.append(done)
-        self._wake.set()
-        flushed = done.wait(max(timeout, 0.0))
-        self._stuck = not flushed
-        return flushed
-
-    def shutdown(self, timeout: float) -> bool:
-        """Flush (bounded by ``timeout``; not again when the last flush already timed out: the
-        destination is not answering), then stop the thread; later records are dropped."""
-        flushed = self.flush(0.0 if self._stuck else timeout)
-        self._stopping.set()
-        self._wake.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(max(0.0, min(timeout, 1.0)))
-        return flushed
 
     # -- the exporter thread ------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None and not self._stopping.is_set():
-                thread = threading.Thread(
-                    target=self._work, name=f"ambient-tracing-otlp-{self.name}", daemon=True
-                )
-                self._thread = thread
-                thread.start()
-
-    def _work(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            with self._lock:
-                waiters, self._waiters = self._waiters, []
-            self._send_all()
-            for waiter in waiters:
-                waiter.set()
-        self._close_connection()
-
-    def _send_all(self) -> None:
-        queue = self._queue
-        while queue and not self._stopping.is_set():
-            batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
-            # JSON decoded and the privacy mask applied here, on the exporter's thread, not on the loop.
-            batch = [outgoing_record(record) for record in batch]
+    def _deliver(self, batch: list[SpanRecord]) -> None:
+        try:
+            body, skipped = encode_counting(batch, self.mapper)
+        except Exception as exc:  # pragma: no cover - per-record errors are caught inside
+            self.failed += len(batch)
+            self._warn("encode", f"could not encode {len(batch)} spans: {exc!r}")
+            return
+        if skipped:
+            self.failed += skipped
+            self._warn("encode", f"left out {skipped} spans that could not be encoded")
+        if self._compress:
+            body = gzip.compress(body, compresslevel=1, mtime=0)
+        if not self._post(body):
+            self.failed += len(batch) - skipped
+            return
+        self.exported += len(batch) - skipped
+        if self._on_exported is not None:
             try:
-                body, skipped = encode_counting(batch, self.mapper)
-            except Exception as exc:  # pragma: no cover - per-record errors are caught inside
-                self.failed += len(batch)
-                self._warn("encode", f"could not encode {len(batch)} spans: {exc!r}")
-                continue
-            if skipped:
-                self.failed += skipped
-                self._warn("encode", f"left out {skipped} spans that could not be encoded")
-            if self._compress:
-                body = gzip.compress(body, compresslevel=1, mtime=0)
-            if self._post(body):
-                self.exported += len(batch) - skipped
-                if self._on_exported is not None:
-                    try:
-                        self._on_exported(batch)
-                    except Exception as exc:
-                        self._warn("after-export", f"follow-up call failed: {exc!r}")
-            else:
-                self.failed += len(batch) - skipped
+                self._on_exported(batch)
+            except Exception as exc:
+                self._warn("after-export", f"follow-up call failed: {exc!r}")
+
+    def _on_stop(self) -> None:
+        self._close_connection()
 
     def _post(self, body: bytes) -> bool:
         delay = self._retry_delay
