@@ -26,6 +26,7 @@ from ambient_tracing.ids import parse_traceparent, trace_id_from_run_id
 from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input
 from tests.support.client import Streamed, parse_events
+from tests.support.fixtures_langfuse import sdk_langfuse_backend
 from tests.support.fixtures_mlflow import wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.node_client import run_script
@@ -328,22 +329,11 @@ async def test_the_sdk_paths_record_the_callers_trace(
 ) -> None:
     """Langfuse with an app's own client (TraceContext with the parent span) and MLflow through its
     SDK (the root under the caller's trace id, naming the caller's span: see backends/mlflow.py)."""
-    from langfuse import Langfuse
-
-    from ambient_tracing.backends.langfuse import LangfuseBackend
 
     key = uuid.uuid4().hex[:8]
-    client = Langfuse(
-        public_key=f"pk-{key}",
-        secret_key=f"sk-{key}",
-        base_url=langfuse_receiver.base_url,
-        flush_at=1,
-        flush_interval=0.05,
-        tracer_provider=TracerProvider(),
-    )
     sdk_mlflow = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name=f"sdk-{key}", otlp=False)
     obs = Observability(
-        [LangfuseBackend(client=client, flush_timeout=5), sdk_mlflow],
+        [sdk_langfuse_backend(langfuse_receiver), sdk_mlflow],
         mask_messages=False,
         trust_traceparent=True,
         feedback_spool=tmp_path / "spool",

@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("langfuse")
 
-from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import use_span
 
 from ambient_tracing.backends.base import RunStart, Span, SpanKind, TokenUsage, TracingBackend
 from ambient_tracing.backends.langfuse import LangfuseBackend
+from tests.support.fixtures_langfuse import sdk_langfuse_backend
 from tests.support.langfuse_receiver import LangfuseReceiver, ReceivedSpan
 
 # Also registered by tests/conftest.py; listing it here lets this file run on its own.
@@ -288,16 +288,7 @@ def test_end_is_idempotent(langfuse_backend: Any, langfuse_receiver: LangfuseRec
 def test_with_an_sdk_client_end_is_idempotent_and_never_raises(
     langfuse_receiver: LangfuseReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    key = uuid.uuid4().hex[:8]
-    client = Langfuse(
-        public_key=f"pk-{key}",
-        secret_key=f"sk-{key}",
-        base_url=langfuse_receiver.base_url,
-        flush_at=1,
-        flush_interval=0.05,
-        tracer_provider=TracerProvider(),
-    )
-    backend = LangfuseBackend(client=client, flush_timeout=5)
+    backend = sdk_langfuse_backend(langfuse_receiver)
     root = backend.start_run(make_turn())
     assert root is not None
     tool = root.start_child("tool_Read", SpanKind.TOOL)
@@ -367,16 +358,7 @@ def test_backends_with_one_key_export_to_their_own_hosts(langfuse_receiver: Lang
 
 
 def test_given_client_is_used(langfuse_receiver: LangfuseReceiver) -> None:
-    key = uuid.uuid4().hex[:8]
-    client = Langfuse(
-        public_key=f"pk-{key}",
-        secret_key=f"sk-{key}",
-        base_url=langfuse_receiver.base_url,
-        flush_at=1,
-        flush_interval=0.05,
-        tracer_provider=TracerProvider(),
-    )
-    backend = LangfuseBackend(client=client, flush_timeout=5)
+    backend = sdk_langfuse_backend(langfuse_receiver)
     root = backend.start_run(make_turn())
     assert root is not None
     root.end()

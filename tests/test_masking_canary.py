@@ -22,6 +22,7 @@ from starlette.routing import Route
 from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.backends.rating import Rating
 from ambient_tracing.privacy import REDACTED, mask_id
+from tests.support.fixtures_langfuse import sdk_langfuse_backend
 from tests.support.fixtures_mlflow import MlflowServer
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.pair import sse
@@ -275,25 +276,6 @@ def rating() -> Rating:
     )
 
 
-def sdk_langfuse(receiver: LangfuseReceiver) -> Any:
-    """Langfuse through the SDK: an app's own client (the package's OTLP path is the default)."""
-    from langfuse import Langfuse
-    from opentelemetry.sdk.trace import TracerProvider
-
-    from ambient_tracing.backends.langfuse import LangfuseBackend
-
-    key = uuid.uuid4().hex[:8]
-    client = Langfuse(
-        public_key=f"pk-{key}",
-        secret_key=f"sk-{key}",
-        base_url=receiver.base_url,
-        flush_at=1,
-        flush_interval=0.05,
-        tracer_provider=TracerProvider(),
-    )
-    return LangfuseBackend(client=client, flush_timeout=5)
-
-
 def sdk_mlflow(server: MlflowServer) -> Any:
     """MLflow through its SDK (spans made on the span worker, masked there), on the same server."""
     from ambient_tracing.backends.mlflow import MlflowBackend
@@ -320,7 +302,7 @@ async def test_no_canary_reaches_either_backend(
 ) -> None:
     # OTLP: spans built by the package, masked in the exporters' threads; SDK: masked on the worker.
     mlflow = mlflow_backend() if mlflow_path == "otlp" else sdk_mlflow(mlflow_server)
-    langfuse = langfuse_backend() if langfuse_path == "otlp" else sdk_langfuse(langfuse_receiver)
+    langfuse = langfuse_backend() if langfuse_path == "otlp" else sdk_langfuse_backend(langfuse_receiver)
     assert (mlflow.span_sink is None) == (mlflow_path == "sdk")
     assert (langfuse.span_sink is None) == (langfuse_path == "sdk")
     obs = Observability([langfuse, mlflow])  # mask_messages defaults to on

@@ -30,6 +30,7 @@ from ambient_tracing.backends.records import RecordSpan, SpanRecord
 from ambient_tracing.ids import new_trace_id
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
+from tests.support.fixtures_langfuse import sdk_langfuse_backend
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver, ReceivedSpan
 from tests.support.server import free_port, serve
@@ -528,17 +529,7 @@ async def test_one_origin_run_is_stored_alike_over_otlp_and_through_the_sdks(
     monkeypatch.setenv("ACTIVE_WORKFLOW_BRANCH", "main")
     key = uuid.uuid4().hex[:8]
     sdk_mlflow = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name=f"sdk-{key}", otlp=False)
-    sdk_langfuse = LangfuseBackend(
-        client=Langfuse(
-            public_key=f"pk-{key}",
-            secret_key=f"sk-{key}",
-            base_url=langfuse_receiver.base_url,
-            flush_at=1,
-            flush_interval=0.05,
-            tracer_provider=TracerProvider(),
-        ),
-        flush_timeout=5,
-    )
+    sdk_langfuse = sdk_langfuse_backend(langfuse_receiver)
     otlp_mlflow = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name=f"otlp-{key}", interval=0.05)
     otlp_langfuse = LangfuseBackend(
         public_key=f"pk-{key}-2", secret_key=f"sk-{key}", host=langfuse_receiver.base_url, flush_interval=0.05

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from ambient_tracing.ids import new_trace_id, parse_trace_id, sampled, trace_id_
 from ambient_tracing.testing import RecordingBackend
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
+from tests.support.fixtures_langfuse import sdk_langfuse_backend
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.server import serve
@@ -170,24 +170,10 @@ async def test_a_root_opened_late_on_the_span_worker_still_starts_before_its_chi
     """The SDK paths (a sqlite store, an app's own Langfuse client) open the root on the span worker.
     The worker is busy when RUN_STARTED comes, so the roots open after the tool call already started
     (its loop time): both backends must still show the root starting first."""
-    from langfuse import Langfuse
-    from opentelemetry.sdk.trace import TracerProvider
 
-    from ambient_tracing.backends.langfuse import LangfuseBackend
     from ambient_tracing.backends.mlflow import MlflowBackend
 
-    key = uuid.uuid4().hex[:8]
-    langfuse_side = LangfuseBackend(
-        client=Langfuse(
-            public_key=f"pk-{key}",
-            secret_key=f"sk-{key}",
-            base_url=langfuse_receiver.base_url,
-            flush_at=1,
-            flush_interval=0.05,
-            tracer_provider=TracerProvider(),
-        ),
-        flush_timeout=5,
-    )
+    langfuse_side = sdk_langfuse_backend(langfuse_receiver)
     mlflow_side = MlflowBackend(tracking_uri=f"sqlite:///{tmp_path / 'late.db'}", experiment_name="late")
     assert langfuse_side.span_sink is None and mlflow_side.span_sink is None  # the deferred SDK paths
     await asyncio.to_thread(mlflow_side.setup)

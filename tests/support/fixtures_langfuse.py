@@ -57,3 +57,23 @@ def langfuse_backend(langfuse_receiver: LangfuseReceiver) -> Iterator[Callable[.
         closer.start()
     for closer in closers:
         closer.join(timeout=10)
+
+
+def sdk_langfuse_backend(receiver: LangfuseReceiver) -> Any:
+    """Langfuse through the SDK (an app's own client, on its own TracerProvider), exporting to
+    ``receiver``: the path that makes spans with the SDK on the span worker (the default is OTLP)."""
+    from langfuse import Langfuse
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ambient_tracing.backends.langfuse import LangfuseBackend
+
+    key = uuid.uuid4().hex[:8]
+    client = Langfuse(
+        public_key=f"pk-{key}",
+        secret_key=f"sk-{key}",
+        base_url=receiver.base_url,
+        flush_at=1,
+        flush_interval=0.05,
+        tracer_provider=TracerProvider(),
+    )
+    return LangfuseBackend(client=client, flush_timeout=5)
