@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.support.processes import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tests.support is reused; the package itself is installed (-e)
     sys.path.insert(0, str(ROOT))
@@ -100,12 +102,7 @@ def child(
         try:
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stop_process(process, grace=10)
 
 
 def cpu_seconds(pid: int) -> float:

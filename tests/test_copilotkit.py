@@ -21,6 +21,7 @@ from examples.pydantic_ai_app import build_app
 from ambient_tracing import Observability
 from tests.support.langfuse_receiver import LangfuseReceiver
 from tests.support.node_client import COPILOTKIT_DIR, ensure_installed, node_env, run_script
+from tests.support.processes import stop_process
 from tests.support.server import serve
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,12 +47,7 @@ def copilotkit_runtime(upstream: str, timeout: float = 60.0) -> Iterator[str]:
         assert first_line and first_line[0], f"runtime did not start: {process.poll()}"
         yield str(json.loads(first_line[0])["url"])
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, grace=10)
 
 
 async def test_the_id_event_reaches_copilotkit_clients_once_per_run_and_ratings_land(

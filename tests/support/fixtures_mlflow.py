@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import stop_process
+
 from .server import free_port
 
 os.environ.setdefault("MLFLOW_USE_BATCH_SPAN_PROCESSOR", "false")
@@ -79,13 +81,7 @@ class MlflowServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+        stop_process(process)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import stop_process
+
 from .server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,13 +125,7 @@ class PhoenixServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_process(process)
 
 
 @pytest.fixture(scope="session")
