@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ambient_tracing.backends.base import TokenUsage
 from ambient_tracing.config import DEFAULT_SESSION_IDLE_SECONDS, UNKNOWN
-from ambient_tracing.failures import capture_internal_exceptions
+from ambient_tracing.failures import warn_once
 from ambient_tracing.privacy import mask as mask_value
 from ambient_tracing.privacy import mask_id
 from ambient_tracing.session_metrics.emitter import Emitter
@@ -146,10 +146,10 @@ class SessionMetrics:
 
     def tool_started(self, call_id: str, name: str) -> None:
         self._touch()
-        category = None
-        with capture_internal_exceptions(logger, "the tool categoriser failed", once="categoriser"):
+        try:  # capture_internal_exceptions, written out: this runs for every tool call, on the loop
             category = str(self._categorise(name)) or name
-        if category is None:
+        except Exception as exc:
+            warn_once(logger, "categoriser", "the tool categoriser failed: %r", exc)
             category = default_tool_category(name)
         category = _bounded_key(self.tool_calls, category)
         self.tool_calls[category] = self.tool_calls.get(category, 0) + 1
