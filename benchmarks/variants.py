@@ -133,6 +133,22 @@ def mlflow_backend(tracking_uri: str, *, setup: bool = True) -> TracingBackend:
     return backend
 
 
+def drain_workers() -> None:
+    """Wait for the tracer and span workers (each only in the trees that have it)."""
+    try:
+        from ambient_tracing.tracer.worker import drain_tracer_workers
+    except ImportError:
+        pass
+    else:
+        drain_tracer_workers(60.0)
+    try:
+        from ambient_tracing.spans.deferred import drain_span_workers
+    except ImportError:
+        pass
+    else:
+        drain_span_workers(60.0)
+
+
 @dataclass
 class Variants:
     """Builds each variant's ASGI app; the backends are made once and shared by the variants."""
@@ -208,8 +224,9 @@ class Variants:
             flush()
 
     def flusher(self, name: str) -> Callable[[], None]:
-        """What waits for the variant's background export (so its CPU lands in the measurement)."""
-        actions: list[Callable[[], None]] = []
+        """What waits for the variant's background export (so its CPU lands in the measurement):
+        the package's own workers first (the tracer worker, then the span worker), then the export."""
+        actions: list[Callable[[], None]] = [drain_workers] if name.startswith("mw-") else []
         if name in _MLFLOW:
             backend = self.mlflow(server=name in SERVER)
             actions.append(lambda: backend.flush(30.0))

@@ -1,5 +1,5 @@
 """Session Metrics for many threads going idle together: made off the event loop, a bounded
-number of threads looked at per timer tick, none lost."""
+number of threads looked at per tick of the tracer worker, none lost."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ class ThreadNotingBackend(RecordingBackend):
 
 
 def one_run(obs: Observability, thread_id: str) -> None:
+    """One run traced on the tracer worker, as the doors do (Session Metrics live there)."""
+    obs.tracer_worker.call(lambda: trace_run(obs, thread_id)).result(5)
+
+
+def trace_run(obs: Observability, thread_id: str) -> None:
     tracer = StreamTracer(obs.runs, RunRequest(thread_id=thread_id))
     for event in (
         {"type": "RUN_STARTED", "threadId": thread_id, "runId": "r"},

@@ -205,7 +205,7 @@ async def test_vendor_span_calls_run_on_the_worker_in_order_with_their_times() -
         seen = [
             e async for e in trace_agui_stream(events(), observability=obs, run_input=run_input("t-d", "r-d"))
         ]
-        assert obs.spans.worker.drain(5)
+        assert obs.tracer_worker.drain(5) and obs.spans.worker.drain(5)
     finally:
         RecordedSpanType.start_child = original  # type: ignore[method-assign]
     assert len(seen) == len(scripted_run("t-d", "r-d")) + 1

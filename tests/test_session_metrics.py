@@ -143,11 +143,20 @@ EXPECTED_COUNTS: dict[str, Any] = {
 
 
 def feed(obs: Observability, runs: list[list[dict[str, Any]]], *, user: str = "alice") -> None:
-    for events in runs:
-        tracer = StreamTracer(obs.runs, RunRequest(thread_id=events[0]["threadId"], user_id=user))
-        for event in events:
-            tracer.on_event(event)
-        tracer.close()
+    """Trace ``runs`` on the tracer worker, as the doors do (Session Metrics live there)."""
+
+    def trace() -> None:
+        for events in runs:
+            tracer = StreamTracer(obs.runs, RunRequest(thread_id=events[0]["threadId"], user_id=user))
+            for event in events:
+                tracer.on_event(event)
+            tracer.close()
+
+    on_worker(obs, trace)
+
+
+def on_worker(obs: Observability, call: Callable[[], Any]) -> Any:
+    return obs.tracer_worker.call(call).result(5)
 
 
 def assert_counts(report: dict[str, Any]) -> None:
@@ -216,8 +225,8 @@ async def test_aclose_reports_every_active_thread_before_flushing_and_only_those
     feed(obs, conversation("c")[:1])
     await obs.end_session("c")  # already reported: nothing more at shutdown
     open_run = StreamTracer(obs.runs, RunRequest(thread_id="d"))
-    open_run.on_event({"type": "RUN_STARTED", "threadId": "d", "runId": "r"})
-    open_run.on_event(_tool("x", "Read")[0])
+    on_worker(obs, lambda: open_run.on_event({"type": "RUN_STARTED", "threadId": "d", "runId": "r"}))
+    on_worker(obs, lambda: open_run.on_event(_tool("x", "Read")[0]))
 
     await obs.aclose()
     by_thread = {record["thread_id"]: record for record in backend.records}
@@ -235,14 +244,14 @@ async def test_an_idle_thread_is_reported_once_and_a_running_one_not_at_all() ->
     obs = Observability([backend], session_idle_seconds=0.2)
     feed(obs, conversation("idle")[:1])
     running = StreamTracer(obs.runs, RunRequest(thread_id="busy"))
-    running.on_event({"type": "RUN_STARTED", "threadId": "busy", "runId": "r"})
+    on_worker(obs, lambda: running.on_event({"type": "RUN_STARTED", "threadId": "busy", "runId": "r"}))
 
     await until(lambda: len(backend.records) == 1)
     assert backend.records[0]["thread_id"] == "idle"
     await asyncio.sleep(0.5)  # well past the idle time again: no second report, busy still open
     assert [record["thread_id"] for record in backend.records] == ["idle"]
 
-    running.on_event({"type": "RUN_FINISHED", "threadId": "busy", "runId": "r"})
+    on_worker(obs, lambda: running.on_event({"type": "RUN_FINISHED", "threadId": "busy", "runId": "r"}))
     await until(lambda: len(backend.records) == 2)
     assert backend.records[1]["thread_id"] == "busy" and backend.records[1]["output"]["runs"] == 1
     assert await obs.end_session("idle") is False
@@ -255,7 +264,7 @@ async def test_idle_reports_survive_a_change_of_event_loop() -> None:
     obs = Observability([backend], session_idle_seconds=0.2)
 
     async def elsewhere() -> None:
-        feed(obs, conversation("a")[:1])  # arms the idle timer on a loop that then stops
+        feed(obs, conversation("a")[:1])  # from a loop that then stops: the worker's tick reports it
 
     await asyncio.to_thread(asyncio.run, elsewhere())
     feed(obs, conversation("b")[:1])

@@ -39,6 +39,7 @@ from ambient_tracing.spans.stack import SpanStack
 from ambient_tracing.tool_signals import ToolCategoriser
 from ambient_tracing.tracer.runs import Runs
 from ambient_tracing.tracer.threads import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
+from ambient_tracing.tracer.worker import TracerWorker
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,12 @@ class Observability:
             )
             if session_metrics
             else None
+        )
+        sessions = self._sessions
+        #: The thread every stream's tracer runs on: the doors hand it each chunk or event.
+        self.tracer_worker = TracerWorker(
+            tick=sessions.sweep_if_due if sessions is not None else None,
+            tick_seconds=sessions.tick_seconds if sessions is not None else 30.0,
         )
         self.spans = SpanStack(self.backends)
         #: Opening runs and each thread's trace ids: what the doors' tracers share.
@@ -247,11 +254,20 @@ class Observability:
         The spans are made on the reporter's thread; this waits for that (at most
         ``END_SESSION_WAIT_SECONDS``), not for their export, which the backends do in the background.
         """
-        done = self._sessions.end_session(thread_id) if self._sessions is not None else None
+        sessions = self._sessions
+        if sessions is None:
+            return False
+        deadline = time.monotonic() + END_SESSION_WAIT_SECONDS
+        # Behind the events the doors handed over: they count too.
+        queued = self.tracer_worker.call(lambda: sessions.end_session(thread_id))
+        try:
+            done = await asyncio.wait_for(asyncio.wrap_future(queued), END_SESSION_WAIT_SECONDS)
+        except TimeoutError:
+            return True  # the tracer worker is behind: the report is still queued
         if done is None:
             return False
         with suppress(TimeoutError):  # a backend stalled: the report is still queued
-            await asyncio.wait_for(asyncio.wrap_future(done), END_SESSION_WAIT_SECONDS)
+            await asyncio.wait_for(asyncio.wrap_future(done), max(deadline - time.monotonic(), 0.0))
         return True
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -286,6 +302,12 @@ class Observability:
             failed = [backend for backend in failed if not _try_setup(backend, first=False)]
             delay = min(delay * 2, MAX_SETUP_RETRY_SECONDS)
 
+    def _end_open_runs(self) -> None:
+        """On the tracer worker: end every open run, then report every thread's Session Metrics."""
+        self.runs.end_open_runs()
+        if self._sessions is not None:
+            self._sessions.close()
+
     async def aclose(self) -> None:
         """End every open run, flush every backend off the event loop, and shut them down.
 
@@ -295,8 +317,6 @@ class Observability:
             return
         self.runs.close()
         self._stopping.set()
-        if self._sessions is not None:
-            self._sessions.close()  # Session Metrics spans, before the flush below sends them
         deadline = time.monotonic() + self.flush_timeout
 
         def left() -> float:
@@ -304,6 +324,11 @@ class Observability:
 
         async def detached(call: Callable[[], object], bound: float, what: str) -> None:
             await call_detached(call, bound + CLOSE_GRACE_SECONDS, what)
+
+        # After what the doors handed over: the runs still open end, then Session Metrics are reported.
+        self.tracer_worker.call(self._end_open_runs)
+        tracers = self.tracer_worker
+        await detached(lambda: tracers.close(left()), left(), "tracer worker")
 
         ratings_wait = min(5.0, left())  # accepted ratings are on disk already: only threads stop
         await detached(lambda: self.ratings.close(ratings_wait), ratings_wait, "rating delivery")

@@ -1,7 +1,10 @@
 """One AG-UI request's bytes: copy the RunAgentInput the app reads, watch the SSE body it sends.
 
-Every body chunk is forwarded in order and unchanged, and traced only after its bytes are out; the
-one addition is a ``CUSTOM ambient:trace_id`` frame sent right after each run's RUN_STARTED frame.
+Every body chunk is forwarded in order and unchanged, then handed to the tracer worker, which
+traces its events (:mod:`.body_tracer`); the one addition is a ``CUSTOM ambient:trace_id`` frame
+sent right after each run's RUN_STARTED frame. On the event loop a chunk costs a few C-level checks:
+only a chunk that may hold a run's start or end (its bytes contain ``RUN_``), or one that does not
+end at a frame boundary, is scanned there; a run is opened there, so its id can follow its frame.
 Opt-in additions (README, "Correlating with the frontend"): a ``traceresponse`` header when the
 run's id is settled at response start (a trusted ``traceparent``, or ``trace_id_from_run_id``), and
 ``RUN_FINISHED.result.traceId`` (:mod:`.result_id`). A response that declares ``Content-Length``
@@ -19,10 +22,11 @@ from typing import Any, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ambient_tracing.doors.body_tracer import BodyTracer, event_type, parse_event
 from ambient_tracing.doors.request_body import RequestBody
 from ambient_tracing.doors.result_id import with_result_trace_id
 from ambient_tracing.doors.sse import SseScanner
-from ambient_tracing.failures import capture_internal_exceptions
+from ambient_tracing.failures import capture_internal_exceptions, warn_once
 from ambient_tracing.ids import (
     TraceParent,
     new_span_id,
@@ -31,12 +35,15 @@ from ambient_tracing.ids import (
     traceresponse,
 )
 from ambient_tracing.observability import Observability
-from ambient_tracing.tracer.handlers import StreamTracer
+from ambient_tracing.tracer.handlers import RunOpener, StreamTracer
 from ambient_tracing.tracer.request import CallerTrace
+from ambient_tracing.tracer.runs import OpenRun
 
 logger = logging.getLogger(__name__)
 
 TRACE_ID_EVENT_NAME = "ambient:trace_id"
+# The events the loop looks at: a run's start (opened and announced there) and end (result.traceId).
+_RUN_EVENTS = frozenset({"RUN_STARTED", "RUN_FINISHED", "RUN_ERROR"})
 
 
 def trace_id_frame(trace_id: str) -> bytes:
@@ -80,25 +87,29 @@ def is_event_stream(message: Message) -> bool:
 
 
 class RunResponder:
-    """One request: reads the RunAgentInput from the request body, traces the SSE body, passes
-    every byte on."""
+    """One request: reads the RunAgentInput from the request body, hands the SSE body to the
+    tracer worker, passes every byte on."""
 
     __slots__ = (
         "_announce",
         "_app",
         "_body",
+        "_body_tracer",
         "_caller",
         "_disconnected",
+        "_fast",
+        "_feed",
         "_finished",
         "_observability",
+        "_open_run_now",
+        "_opener",
         "_receive",
         "_scanner",
         "_scope",
         "_send",
-        "_skip",
         "_traceparent",
-        "_tracer",
         "_user",
+        "_worker",
     )
 
     def __init__(
@@ -113,15 +124,23 @@ class RunResponder:
         self._app = app
         self._user = user
         self._observability = observability
+        self._worker = observability.tracer_worker
         self._scope = scope
         self._receive = receive
         self._send = send
         self._body = RequestBody(scope.get("headers", ()))
+        # Finds the frames of the chunks the loop looks at; None when the response is not traced.
         self._scanner: SseScanner | None = None
-        self._tracer: StreamTracer | None = None
+        self._opener: RunOpener | None = None
+        self._body_tracer: BodyTracer | None = None
+        self._feed: Callable[[bytes], None] | None = None  # the body tracer's feed, bound once
+        # True while the scanner is at a frame boundary: a chunk that ends at one and holds no
+        # RUN_ is then handed over without a look (see send).
+        self._fast = False
+        # The run open on this stream, as the loop sees it (result.traceId, the thread's current id).
+        self._open_run_now: OpenRun | None = None
         self._finished = False
         self._disconnected = False
-        self._skip: bytes | None = None  # see _sent_whole_frame
         # False for a body of declared length: its runs are traced, their ids not inserted.
         self._announce = True
         self._caller: CallerTrace | None = None  # the run's id when settled at response start
@@ -158,18 +177,18 @@ class RunResponder:
         return message
 
     async def send(self, message: Message) -> None:
-        skip = self._skip
-        if skip is not None:
-            # The hot path: one more whole frame of a type just found not worth tracing.
+        if self._fast:
+            # The hot path: a chunk that ends at a frame boundary and starts or ends no run.
             body = message.get("body", b"")
             if (
-                body.startswith(skip)
-                and body.find(10) == len(body) - 2  # one line, then the blank line
-                and body[-1] == 10
-                and 13 not in body
+                message["type"] == "http.response.body"
+                and body.endswith(b"\n\n")
+                and b"RUN_" not in body
                 and message.get("more_body", False)
             ):
                 await self._send(message)
+                if not self._worker.submit(self._feed, body):  # type: ignore[arg-type]
+                    self._fell_behind()
                 return
         kind = message["type"]
         if kind == "http.response.body" and self._scanner is not None:
@@ -226,13 +245,11 @@ class RunResponder:
         return None
 
     async def _send_traced(self, message: Message) -> None:
-        """Forward one body chunk and trace its events after their bytes are out. Only a run's
-        opening waits for tracing: its bytes go out, then the run opens, then its id frame."""
-        self._skip = None
+        """A chunk the loop looks at: its frames found, each run's start sent, the run opened and
+        its id frame sent; the rest of the chunk sent; the chunk handed to the tracer worker."""
+        self._fast = False
         body: bytes = message.get("body", b"")
         more_body: bool = message.get("more_body", False)
-        if more_body and await self._sent_whole_frame(message, body):
-            return
         try:
             frames = self._frames(body, more_body)
         except Exception as exc:  # the app's bytes matter more than the trace
@@ -240,73 +257,46 @@ class RunResponder:
             await self._send(message)
             return
         start = 0
-        later: list[_Frame] = []
         for frame in frames:
-            if frame.kind == "RUN_FINISHED" and (replaced := self._result_frame(body, frame)) is not None:
-                await self._send_part(body[start : frame.start])
-                await self._send_part(replaced)
-                start = frame.end
-                later.append(frame)
-                continue
             if frame.kind != "RUN_STARTED":
-                later.append(frame)
+                if frame.kind == "RUN_FINISHED" and (replaced := self._result_frame(body, frame)) is not None:
+                    await self._send_part(body[start : frame.start])
+                    await self._send_part(replaced)
+                    start = frame.end
+                self._run_ended()
                 continue
             await self._send_part(body[start : frame.end])
             start = frame.end
-            self._trace_all(later)
-            later = []
-            trace_id = self._trace(frame)
+            trace_id = self._open_run(frame)
             if trace_id is not None and self._announce:
                 await self._send_part(trace_id_frame(trace_id))
         await self._send(message if start == 0 else {**message, "body": body[start:]})
-        self._trace_all(later)
+        self._hand_over(body)
         if not more_body:
             self._close(None)
+        elif self._scanner is not None:
+            self._fast = self._scanner.at_boundary
 
     def _result_frame(self, body: bytes, frame: _Frame) -> bytes | None:
         """The RUN_FINISHED frame with ``result.traceId`` (opt-in), or None to send it as it is: when
         off, when the body has a declared length, when the run is not traced, and when the frame is
         not one canonical ``data: <json>\n\n`` whole in this chunk (its bytes are never re-split)."""
-        tracer = self._tracer
-        if not (self._observability.result_trace_id and self._announce and tracer and tracer.trace_id):
+        trace_id = self._open_run_now.trace_id if self._open_run_now is not None else None
+        if not (self._observability.result_trace_id and self._announce and trace_id):
             return None
         if body[frame.start : frame.end] != b"data: " + frame.data + b"\n\n":
             return None
         data = None
         with capture_internal_exceptions(logger, "could not add result.traceId", once="result_trace_id"):
-            data = with_result_trace_id(frame.data, tracer.trace_id)
+            data = with_result_trace_id(frame.data, trace_id)
         return None if data is None else b"data: " + data + b"\n\n"
-
-    async def _sent_whole_frame(self, message: Message, body: bytes) -> bool:
-        """The common case, kept flat: a chunk that is one whole frame, type-first, of a run already
-        traced. Sent, then traced; a type the tracer does not want now is not parsed, and frames of
-        that type pass on the hot path in :meth:`send` until the next traced chunk."""
-        tracer = self._tracer
-        scanner = self._scanner
-        if tracer is None or scanner is None:
-            return False
-        data = scanner.whole_frame(body)
-        if data is None:
-            return False
-        typed = _event_type(data)
-        if typed is None or typed[0] == "RUN_STARTED":
-            return False  # parsed or announced on the general path; the scanner saw nothing yet
-        if typed[0] == "RUN_FINISHED" and self._observability.result_trace_id:
-            return False  # result.traceId is added on the general path
-        kind, end = typed
-        await self._send(message)
-        if tracer.wants(kind):
-            self._trace_data(tracer, data)
-        else:
-            self._skip = body[: 6 + end + 1]  # up to the closing quote of the type
-        return True
 
     async def _send_part(self, part: bytes) -> None:
         if part:
             await self._send({"type": "http.response.body", "body": part, "more_body": True})
 
     def _frames(self, body: bytes, more_body: bool) -> list[_Frame]:
-        """The chunk's complete events, each with its end offset and its type when known."""
+        """The chunk's complete events that start or end a run, each with its end offset."""
         scanner = self._scanner
         assert scanner is not None
         found = scanner.feed(body)
@@ -319,96 +309,93 @@ class RunResponder:
             begin, start = start, end
             if data is None:
                 continue
-            typed = _event_type(data)
-            kind: Any = typed[0] if typed is not None else None
+            typed = event_type(data)
             event = None
-            if kind is None:  # not written type-first: parse it now to learn whether it opens a run
-                event = self._parse(data)
-                if event is None:
-                    continue
-                kind = event.get("type")
-            frames.append(_Frame(begin, end, data, kind if isinstance(kind, str) else None, event))
+            if typed is not None:
+                kind: Any = typed[0]
+            elif b"RUN_" in data:  # not written type-first: parsed to learn whether it is a run's
+                event = parse_event(data)
+                kind = event.get("type") if event is not None else None
+            else:
+                continue
+            if kind in _RUN_EVENTS:
+                frames.append(_Frame(begin, end, data, kind, event))
         return frames
 
-    def _trace_all(self, frames: list[_Frame]) -> None:
-        for frame in frames:
-            self._trace(frame)
-
-    def _trace(self, frame: _Frame) -> str | None:
-        """Feed one event to the tracer; the trace id to announce when it opened a traced run."""
+    def _open_run(self, frame: _Frame) -> str | None:
+        """Open the run a RUN_STARTED frame starts; its id, or None when it is not traced."""
         if self._scanner is None:
-            return None  # tracing stopped after an error
+            return None  # tracing stopped earlier in this chunk
         try:
-            tracer = self._ensure_tracer()
-            if frame.kind is not None and not tracer.wants(frame.kind):
-                return None  # most text deltas, once the recorded text is full: not worth parsing
-            event = frame.event if frame.event is not None else self._parse(frame.data)
+            body_tracer, opener = self._ensure_tracing()
         except Exception as exc:
             self._stop_tracing(exc)
             return None
+        event = frame.event if frame.event is not None else parse_event(frame.data)
         if event is None:
             return None
-        try:
-            return tracer.on_event(event)
-        except Exception as exc:
-            tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
-            return None
+        opened = None
+        with capture_internal_exceptions(logger, "could not open a run"):
+            opened = opener.open(event)
+        body_tracer.opened.append((frame.data, opened))
+        self._run_ended()
+        self._open_run_now = opened
+        return opened.trace_id if opened is not None else None
 
-    def _trace_data(self, tracer: StreamTracer, data: bytes) -> None:
-        """Feed one event of a run already open to the tracer (its bytes are out already)."""
-        event = self._parse(data)
-        if event is None:
+    def _run_ended(self) -> None:
+        """The stream's open run ended (its end seen, or the stream's): its thread's current trace
+        id changes now, as the client sees the end; its spans end on the tracer worker."""
+        opened, self._open_run_now = self._open_run_now, None
+        if opened is not None:
+            with capture_internal_exceptions(logger, "could not mark a run ended"):
+                self._observability.runs.ended(opened)
+
+    def _hand_over(self, body: bytes) -> None:
+        """Give the tracer worker a chunk whose bytes are out."""
+        if self._scanner is None:
             return
         try:
-            tracer.on_event(event)
+            self._ensure_tracing()
         except Exception as exc:
-            tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
+            self._stop_tracing(exc)
+            return
+        if not self._worker.submit(self._feed, body):  # type: ignore[arg-type]
+            self._fell_behind()
 
-    def _parse(self, data: bytes) -> dict[str, Any] | None:
-        """The event as a dict; None for JSON that is not an object, and for non-JSON (with a warning)."""
-        try:
-            event = json.loads(data)
-        except ValueError:
-            self._ensure_tracer().warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
-            return None
-        return event if isinstance(event, dict) else None
-
-    def _ensure_tracer(self) -> StreamTracer:
-        tracer = self._tracer
-        if tracer is None:
+    def _ensure_tracing(self) -> tuple[BodyTracer, RunOpener]:
+        body_tracer, opener = self._body_tracer, self._opener
+        if body_tracer is None or opener is None:
             user_id, user_name = self._user(self._scope)
-            request = self._body.finish().with_user(user_id, user_name).with_caller(self._caller)
-            tracer = self._tracer = StreamTracer(self._observability.runs, request)
-        return tracer
+            request = self._body.finish().with_user(user_id, user_name)
+            runs = self._observability.runs
+            opener = self._opener = RunOpener(runs, request.with_caller(self._caller))
+            # The settled id is the loop's to give: a run the worker opens itself gets a fresh one.
+            body_tracer = self._body_tracer = BodyTracer(StreamTracer(runs, request))
+            self._feed = body_tracer.feed
+        return body_tracer, opener
+
+    def _fell_behind(self) -> None:
+        warn_once(logger, "tracer worker behind", "the tracer worker is behind; responses go untraced")
+        self._scanner = None
+        self._fast = False
+        self._close("not traced to the end: the tracer worker was behind")
 
     def _stop_tracing(self, exc: Exception) -> None:
         logger.warning("stopped tracing this response after an error: %r", exc)
         self._scanner = None
+        self._fast = False
         self._close(f"tracing error: {exc!r}")
 
     def _close(self, error: str | None) -> None:
-        if self._tracer is not None:
-            try:
-                self._tracer.close(error)
-            except Exception as exc:
-                logger.warning("could not end a trace: %r", exc)
-            self._tracer = None
+        self._run_ended()
+        body_tracer, self._body_tracer = self._body_tracer, None
+        if body_tracer is not None:
+            self._worker.call(lambda: body_tracer.close(error))
 
 
 class _Frame(NamedTuple):
     start: int  # offset in the chunk just after the previous frame (0: it may have begun earlier)
     end: int  # offset in the chunk just after the frame's blank line
     data: bytes
-    kind: str | None  # the event's type, when known without parsing
+    kind: str  # RUN_STARTED, RUN_FINISHED or RUN_ERROR
     event: dict[str, Any] | None  # the parsed event, when it had to be parsed already
-
-
-def _event_type(data: bytes) -> tuple[str, int] | None:
-    """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it,
-    and the offset of its closing quote."""
-    if data.startswith(b'{"type":'):
-        start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
-        end = data.find(b'"', start) if start else -1
-        if end > 0:
-            return data[start:end].decode("latin-1"), end
-    return None

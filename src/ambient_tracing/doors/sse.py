@@ -57,6 +57,13 @@ class SseScanner:
         # The bytes of a BOM seen so far at the start of the stream; None once past the start.
         self._bom: bytes | None = b""
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether everything fed so far ended at a frame boundary (past the start of the stream):
+        then a chunk that ends in a blank line holds whole frames only, and this scanner's state
+        after it would be the same as now (what lets a caller skip feeding such chunks)."""
+        return self._bom is None and not self._buffer and not self._held and not self._oversized
+
     def whole_frame(self, chunk: bytes) -> bytes | None:
         """The ``data`` of a chunk that is exactly one ``data: ...\\n\\n`` frame while nothing is
         pending (the common case: one encoder frame per chunk), else None. It changes nothing: a

@@ -16,10 +16,11 @@ from pydantic import BaseModel
 from ambient_tracing.doors.nesting import request_traced
 from ambient_tracing.doors.responder import TRACE_ID_EVENT_NAME
 from ambient_tracing.doors.result_id import result_with_trace_id
-from ambient_tracing.failures import capture_internal_exceptions
+from ambient_tracing.failures import capture_internal_exceptions, warn_once
 from ambient_tracing.observability import Observability
-from ambient_tracing.tracer.handlers import StreamTracer
+from ambient_tracing.tracer.handlers import RunOpener, StreamTracer
 from ambient_tracing.tracer.request import RunRequest
+from ambient_tracing.tracer.runs import OpenRun
 
 logger = logging.getLogger(__name__)
 
@@ -52,27 +53,94 @@ async def trace_agui_stream(
             await _close(events)
             raise
         return
-    tracer = StreamTracer(observability.runs, RunRequest.from_input(run_input).with_user(user_id, user_name))
+    request = RunRequest.from_input(run_input).with_user(user_id, user_name)
+    opener = RunOpener(observability.runs, request)
+    traced: _TracedEvents | None = _TracedEvents(observability, request)
     try:
         async for event in events:
-            if observability.result_trace_id:
-                event = _with_result_trace_id(event, tracer.trace_id)
-            try:
-                trace_id = tracer.on_event(_EventView(event))
-            except Exception as exc:  # tracing must never break the stream
-                tracer.warn("could not trace a %s event: %r", getattr(event, "type", "?"), exc)
-                trace_id = None
+            kind = getattr(event, "type", None)
+            trace_id = None
+            if traced is not None:
+                if observability.result_trace_id:
+                    event = _with_result_trace_id(event, traced.open_trace_id)
+                if kind == EventType.RUN_STARTED:
+                    trace_id = traced.start_run(opener, event)
+                else:
+                    if kind in (EventType.RUN_FINISHED, EventType.RUN_ERROR):
+                        traced.run_ended()
+                    if not traced.submit(event):
+                        traced = None
             yield event
             if trace_id is not None:
                 yield trace_id_event(trace_id)
     except GeneratorExit:
-        tracer.close("cancelled: the consumer stopped reading")
+        if traced is not None:
+            traced.close("cancelled: the consumer stopped reading")
         await _close(events)
         raise
     except BaseException as exc:
-        tracer.close(f"{type(exc).__name__}: {exc}")
+        if traced is not None:
+            traced.close(f"{type(exc).__name__}: {exc}")
         raise
-    tracer.close()
+    if traced is not None:
+        traced.close(None)
+
+
+class _TracedEvents:
+    """One stream's events on their way to the tracer worker, where its tracer runs; runs are
+    opened here, on the caller's loop, so their id is yielded right after their RUN_STARTED."""
+
+    __slots__ = ("_open", "_runs", "_trace", "_tracer", "_worker")
+
+    def __init__(self, observability: Observability, request: RunRequest) -> None:
+        self._runs = observability.runs
+        self._open: OpenRun | None = None  # the run open now, as the caller's loop sees it
+        # The settled id (if any) is the opener's to give.
+        self._tracer = tracer = StreamTracer(observability.runs, request.with_caller(None))
+        self._worker = observability.tracer_worker
+
+        def trace(event: BaseEvent) -> None:
+            try:
+                tracer.on_event(_EventView(event))
+            except Exception as exc:  # tracing must never break the stream
+                tracer.warn("could not trace a %s event: %r", getattr(event, "type", "?"), exc)
+
+        self._trace = trace
+
+    def start_run(self, opener: RunOpener, event: BaseEvent) -> str | None:
+        """Open the run ``event`` starts; its trace id, or None when it is not traced."""
+        opened = None
+        with capture_internal_exceptions(logger, "could not open a run"):
+            opened = opener.open(_EventView(event))
+        tracer = self._tracer
+        self._worker.call(lambda: tracer.start_run(opened))
+        self.run_ended()
+        self._open = opened
+        return opened.trace_id if opened is not None else None
+
+    @property
+    def open_trace_id(self) -> str | None:
+        return self._open.trace_id if self._open is not None else None
+
+    def run_ended(self) -> None:
+        """The open run ended: its thread's current trace id changes now (its spans end on the worker)."""
+        opened, self._open = self._open, None
+        if opened is not None:
+            with capture_internal_exceptions(logger, "could not mark a run ended"):
+                self._runs.ended(opened)
+
+    def submit(self, event: BaseEvent) -> bool:
+        """Hand ``event`` to the tracer; False when the worker is too far behind (tracing stops)."""
+        if self._worker.submit(self._trace, event):
+            return True
+        warn_once(logger, "tracer worker behind", "the tracer worker is behind; some streams are not traced")
+        self.close("not traced to the end: the tracer worker was behind")
+        return False
+
+    def close(self, error: str | None) -> None:
+        self.run_ended()
+        tracer = self._tracer
+        self._worker.call(lambda: tracer.close(error))
 
 
 def _with_result_trace_id(event: BaseEvent, trace_id: str | None) -> BaseEvent:

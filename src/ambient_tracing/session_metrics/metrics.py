@@ -21,7 +21,6 @@ How things are recognised (see the README's "Session metrics"):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -314,10 +313,10 @@ def _iso(timestamp: float | None) -> str | None:
 class SessionReporter:
     """Holds the :class:`SessionMetrics` of every thread and emits them as ``Session Metrics`` spans.
 
-    Idle threads are reported from a ``loop.call_later`` timer (re-armed only while some thread has
-    unreported activity) and, without a running loop, when a run starts; a tick looks at no more than
-    :data:`MAX_SWEEP_PER_TICK` threads. The loop only takes each thread's counts; masking them and the
-    backends' span calls run on the reporter's own thread (:class:`.emitter.Emitter`).
+    Not thread-safe: every call comes from the tracer worker's thread
+    (:mod:`ambient_tracing.tracer.worker`), whose tick runs :meth:`sweep_if_due`; a sweep looks at
+    no more than :data:`MAX_SWEEP_PER_TICK` threads. Masking the reports and the backends' span calls
+    run on the reporter's own thread (:class:`.emitter.Emitter`).
     """
 
     def __init__(
@@ -343,8 +342,6 @@ class SessionReporter:
         self._max_threads = max_threads
         self._mask = mask
         self._sessions: OrderedDict[str, SessionMetrics] = OrderedDict()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._next_sweep = 0.0
         self._closed = False
         self._emitter = Emitter("ambient-tracing-session-metrics")
@@ -362,7 +359,7 @@ class SessionReporter:
         """The thread's accumulator with one more run started (None once closed)."""
         if self._closed:
             return None
-        self._sweep_if_due()
+        self.sweep_if_due()
         session = self._sessions.get(thread_id)
         if session is None:
             session = self._sessions[thread_id] = SessionMetrics(
@@ -379,7 +376,6 @@ class SessionReporter:
         else:
             self._sessions.move_to_end(thread_id)
         session.run_started(user_id, user_name, context)
-        self._arm()
         return session
 
     def end_session(self, thread_id: str) -> Future[None] | None:
@@ -396,9 +392,6 @@ class SessionReporter:
         """Report every thread with unreported activity (on the reporter's thread) and stop the timer;
         returns how many. :meth:`drain` waits until they are recorded."""
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         sessions = [session for session in self._sessions.values() if session.active]
         self._sessions.clear()
 
@@ -434,42 +427,23 @@ class SessionReporter:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _period(self) -> float:
-        assert self.idle_seconds is not None
+    @property
+    def tick_seconds(self) -> float:
+        """How often :meth:`sweep_if_due` should be called (a quarter of the idle time, 50 ms to 30 s)."""
+        if self.idle_seconds is None:
+            return 30.0
         return min(max(self.idle_seconds / 4, 0.05), 30.0)
 
-    def _sweep_if_due(self) -> None:
-        if self.idle_seconds is not None and time.monotonic() >= self._next_sweep:
-            self.sweep(limit=MAX_SWEEP_PER_TICK)
-            self._next_sweep = time.monotonic() + self._period()
-
-    def _arm(self, delay: float | None = None) -> None:
-        if self.idle_seconds is None or self._closed:
+    def sweep_if_due(self) -> None:
+        """Sweep (bounded by :data:`MAX_SWEEP_PER_TICK`) when :attr:`tick_seconds` have passed."""
+        if self._closed or self.idle_seconds is None or time.monotonic() < self._next_sweep:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (a synchronous caller): idle threads are swept when a run starts
-        if self._timer is not None:
-            if self._timer_loop is loop and not self._timer.cancelled():
-                return
-            self._timer.cancel()  # armed on a loop that has since stopped
-        self._timer_loop = loop
-        self._timer = loop.call_later(self._period() if delay is None else delay, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        reported = 0
-        try:
-            reported = self.sweep(limit=MAX_SWEEP_PER_TICK)
-        except Exception:  # pragma: no cover - a report must never break the loop
-            logger.warning("session metrics sweep failed", exc_info=True)
-        if self._sessions:
-            # A full tick may have left idle threads behind: look again soon, after other work.
-            self._arm(0.001 if reported == MAX_SWEEP_PER_TICK else None)
+        reported = self.sweep(limit=MAX_SWEEP_PER_TICK)
+        # A full sweep may have left idle threads behind: the next tick looks again.
+        self._next_sweep = 0.0 if reported == MAX_SWEEP_PER_TICK else time.monotonic() + self.tick_seconds
 
     def _emit(self, session: SessionMetrics) -> Future[None]:
-        """Take the thread's counts (on the loop; bounded per thread) and record them off it."""
+        """Take the thread's counts (bounded per thread) and record them on the reporter's thread."""
         taken = self._take(session)
         return self._emitter.submit(lambda: self._record(*taken))
 

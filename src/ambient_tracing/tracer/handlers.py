@@ -155,6 +155,39 @@ class _RunState:
     metrics: SessionMetrics | None = None
 
 
+class RunOpener:
+    """Opens the runs of one stream under their trace ids: the part of RUN_STARTED the doors do on
+    the event loop (the id is announced right after it); the rest is :meth:`StreamTracer.start_run`."""
+
+    __slots__ = ("_request", "_runs")
+
+    def __init__(self, runs: Runs, request: RunRequest) -> None:
+        self._runs = runs
+        self._request = request
+
+    def open(self, event: Event) -> OpenRun | None:
+        """Open the run a RUN_STARTED event starts; None when no backend records it."""
+        request = self._request
+        run_input = event.get("input")
+        user_message = (
+            last_user_message(run_input.get("messages")) if isinstance(run_input, Mapping) else None
+        )
+        run_id = _str(event.get("runId")) or request.run_id
+        caller = request.caller
+        if caller is not None and caller.applies_to(run_id):
+            self._request = request.with_caller(None)  # one run per settled id
+        else:
+            caller = None
+        return self._runs.open(
+            thread_id=_str(event.get("threadId")) or request.thread_id,
+            run_id=run_id,
+            user_id=request.user_id,
+            user_name=request.user_name,
+            input=user_message if user_message is not None else request.user_message,
+            caller=caller,
+        )
+
+
 class StreamTracer:
     """Traces the runs of one AG-UI event stream.
 
@@ -163,11 +196,12 @@ class StreamTracer:
     ends, so nothing stays open.
     """
 
-    __slots__ = ("_request", "_run", "_runs", "_text_limit", "_warned")
+    __slots__ = ("_opener", "_request", "_run", "_runs", "_text_limit", "_warned")
 
     def __init__(self, runs: Runs, request: RunRequest) -> None:
         self._runs = runs
         self._request = request
+        self._opener = RunOpener(runs, request)
         self._run: _RunState | None = None
         self._warned = False
         # With the mask on, text past its limit is redacted whole: no need to keep more of it.
@@ -190,7 +224,7 @@ class StreamTracer:
     def on_event(self, event: Event) -> str | None:
         kind = event.get("type")
         if kind == "RUN_STARTED":
-            return self._on_run_started(event)
+            return self.start_run(self._opener.open(event))
         run = self._run
         handler = _HANDLERS.get(kind) if run is not None and isinstance(kind, str) else None
         if handler is not None:
@@ -297,30 +331,14 @@ class StreamTracer:
 
     # -- runs ---------------------------------------------------------------------------------
 
-    def _on_run_started(self, event: Event) -> str | None:
+    def start_run(self, opened: OpenRun | None) -> str | None:
+        """Follow a run opened by :meth:`RunOpener.open` for this stream's next RUN_STARTED (the one
+        still open ends first); its trace id, or None when it is not traced."""
         if self._run is not None:
             self._end_run(error="a new RUN_STARTED arrived before RUN_FINISHED")
-        request = self._request
-        run_input = event.get("input")
-        user_message = (
-            last_user_message(run_input.get("messages")) if isinstance(run_input, Mapping) else None
-        )
-        run_id = _str(event.get("runId")) or request.run_id
-        caller = request.caller
-        if caller is not None and caller.applies_to(run_id):
-            self._request = request.with_caller(None)  # one run per settled id
-        else:
-            caller = None
-        opened = self._runs.open(
-            thread_id=_str(event.get("threadId")) or request.thread_id,
-            run_id=run_id,
-            user_id=request.user_id,
-            user_name=request.user_name,
-            input=user_message if user_message is not None else request.user_message,
-            caller=caller,
-        )
         if opened is None:
             return None
+        request = self._request
         metrics = self._runs.session_metrics(opened, request.user_id, request.user_name)
         self._run = _RunState(
             opened=opened,

@@ -199,7 +199,11 @@ class Runs:
         return len(self._open_streams)
 
     def close(self) -> None:
-        """No run opens from now on; every run still open ends as cut short by the shutdown."""
+        """No run opens from now on (:meth:`end_open_runs` ends those still open)."""
         self.closed = True
+
+    def end_open_runs(self) -> None:
+        """Every run still open ends as cut short by the shutdown (on the tracer worker, as the
+        tracers' calls: :mod:`.worker`)."""
         for stream in list(self._open_streams):
             stream.close(error="shutdown before the run finished")

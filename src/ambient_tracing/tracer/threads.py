@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -26,7 +27,8 @@ class ThreadRegistry:
     """Trace ids by AG-UI thread id.
 
     Threads are kept in least-recently-used order; the oldest are dropped past ``max_threads`` or
-    after ``idle_seconds`` without a run, so a long-lived server stays bounded.
+    after ``idle_seconds`` without a run, so a long-lived server stays bounded. Thread-safe: runs
+    open on the event loop and end on the tracer worker (:mod:`.worker`).
     """
 
     def __init__(
@@ -45,28 +47,33 @@ class ThreadRegistry:
         self._idle_seconds = idle_seconds
         #: The monotonic clock idle times are measured on (replaceable in tests).
         self.clock = clock
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._threads)
+        with self._lock:
+            return len(self._threads)
 
     def run_started(self, thread_id: str, trace_id: str) -> None:
-        thread = self._touch(thread_id)
-        thread.open[trace_id] = None
-        thread.last = trace_id
-        self._trace_threads[trace_id] = thread_id
-        if len(self._trace_threads) > self._max_traces:
-            self._trace_threads.popitem(last=False)
+        with self._lock:
+            thread = self._touch(thread_id)
+            thread.open[trace_id] = None
+            thread.last = trace_id
+            self._trace_threads[trace_id] = thread_id
+            if len(self._trace_threads) > self._max_traces:
+                self._trace_threads.popitem(last=False)
 
     def next_turn_number(self, thread_id: str) -> int:
-        thread = self._touch(thread_id)
-        thread.turns += 1
-        return thread.turns
+        with self._lock:
+            thread = self._touch(thread_id)
+            thread.turns += 1
+            return thread.turns
 
     def run_ended(self, thread_id: str, trace_id: str) -> None:
-        thread = self._touch(thread_id)
-        thread.open.pop(trace_id, None)
-        if thread.last is None:
-            thread.last = trace_id
+        with self._lock:
+            thread = self._touch(thread_id)
+            thread.open.pop(trace_id, None)
+            if thread.last is None:
+                thread.last = trace_id
 
     def usage_delta(self, thread_id: str, totals: Mapping[str, int]) -> dict[str, int]:
         """What ``totals`` (token counts reported cumulatively for the thread) add since the last report.
@@ -74,26 +81,30 @@ class ThreadRegistry:
         A count lower than the last one is taken as a restarted counter (a new producer session):
         all of it is new.
         """
-        thread = self._touch(thread_id)
-        previous = thread.usage or {}
-        thread.usage = dict(totals)
-        return {
-            key: value - previous.get(key, 0) if value >= previous.get(key, 0) else value
-            for key, value in totals.items()
-        }
+        with self._lock:
+            thread = self._touch(thread_id)
+            previous = thread.usage or {}
+            thread.usage = dict(totals)
+            return {
+                key: value - previous.get(key, 0) if value >= previous.get(key, 0) else value
+                for key, value in totals.items()
+            }
 
     def current(self, thread_id: str) -> str | None:
         """The newest of the thread's turns that is still open."""
-        thread = self._get(thread_id)
-        return next(reversed(thread.open), None) if thread else None
+        with self._lock:
+            thread = self._get(thread_id)
+            return next(reversed(thread.open), None) if thread else None
 
     def last(self, thread_id: str) -> str | None:
-        thread = self._get(thread_id)
-        return thread.last if thread else None
+        with self._lock:
+            thread = self._get(thread_id)
+            return thread.last if thread else None
 
     def thread_of(self, trace_id: str) -> str | None:
         """The thread a recent trace belongs to; None when this process does not know the trace."""
-        return self._trace_threads.get(trace_id)
+        with self._lock:
+            return self._trace_threads.get(trace_id)
 
     def _get(self, thread_id: str) -> _Thread | None:
         self._expire(self.clock())

@@ -1,0 +1,115 @@
+"""One SSE response body traced on the tracer worker (:mod:`ambient_tracing.tracer.worker`).
+
+The responder hands every chunk here after its bytes are out, in order; this finds the events,
+parses those the tracer wants now, and feeds them to the stream's
+:class:`~ambient_tracing.tracer.handlers.StreamTracer`. Runs are opened on the event loop (their
+ids are announced in the stream); each comes with its RUN_STARTED frame's data, so it is matched
+to that frame here. A RUN_STARTED the loop did not see (its type written with JSON escapes) is
+opened here, its id not announced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from typing import Any
+
+from ambient_tracing.doors.sse import SseScanner
+from ambient_tracing.tracer.handlers import StreamTracer
+from ambient_tracing.tracer.runs import OpenRun
+
+logger = logging.getLogger(__name__)
+
+
+class BodyTracer:
+    """Traces the events of one SSE body; every method runs on the tracer worker."""
+
+    __slots__ = ("_scanner", "_tracer", "opened")
+
+    def __init__(self, tracer: StreamTracer) -> None:
+        self._tracer = tracer
+        self._scanner: SseScanner | None = SseScanner()
+        #: Runs the loop opened, oldest first, with the data of their RUN_STARTED frame. The loop
+        #: appends one before handing over the chunk that holds the frame.
+        self.opened: deque[tuple[bytes, OpenRun | None]] = deque()
+
+    def feed(self, chunk: bytes) -> None:
+        """Trace the events that ended in ``chunk``."""
+        scanner = self._scanner
+        if scanner is None:
+            return
+        data = scanner.whole_frame(chunk)
+        if data is not None:
+            self._event(data)
+            return
+        try:
+            frames = scanner.feed(chunk)
+        except Exception as exc:  # never expected: the scanner takes any bytes
+            self._stop(exc)
+            return
+        for _, data in frames:
+            if data is not None:
+                self._event(data)
+
+    def close(self, error: str | None) -> None:
+        """The body ended (``error`` None: completely): trace what is left, end what is open."""
+        scanner = self._scanner
+        if scanner is not None and error is None:
+            for _, data in scanner.finish():
+                if data is not None:
+                    self._event(data)
+        self._scanner = None
+        tracer = self._tracer
+        while self.opened:  # opened on the loop, its frame never reached here: ended, not leaked
+            tracer.start_run(self.opened.popleft()[1])
+        try:
+            tracer.close(error)
+        except Exception as exc:
+            logger.warning("could not end a trace: %r", exc)
+
+    def _event(self, data: bytes) -> None:
+        tracer = self._tracer
+        typed = event_type(data)
+        if typed is not None and not tracer.wants(typed[0]):
+            return  # most text deltas, once the recorded text is full: not worth parsing
+        try:
+            event = json.loads(data)
+        except ValueError:
+            tracer.warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
+            return
+        if not isinstance(event, dict):
+            return
+        try:
+            if event.get("type") == "RUN_STARTED":
+                opened = self.opened
+                if opened and opened[0][0] == data:
+                    tracer.start_run(opened.popleft()[1])
+                    return
+            tracer.on_event(event)
+        except Exception as exc:
+            tracer.warn("could not trace a %.40r event: %r", event.get("type"), exc)
+
+    def _stop(self, exc: Exception) -> None:
+        logger.warning("stopped tracing this response after an error: %r", exc)
+        self.close(f"tracing error: {exc!r}")
+
+
+def event_type(data: bytes) -> tuple[str, int] | None:
+    """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it,
+    and the offset of its closing quote."""
+    if data.startswith(b'{"type":'):
+        start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
+        end = data.find(b'"', start) if start else -1
+        if end > 0:
+            return data[start:end].decode("latin-1"), end
+    return None
+
+
+def parse_event(data: bytes) -> dict[str, Any] | None:
+    """The event as a dict; None for non-JSON and JSON that is not an object."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
