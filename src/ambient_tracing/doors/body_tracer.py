@@ -97,11 +97,11 @@ class BodyTracer:
 
 def event_type(data: bytes) -> tuple[str, int] | None:
     """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it,
-    and the offset of its closing quote."""
+    and the offset of its closing quote; None when it is not written so, or holds a JSON escape."""
     if data.startswith(b'{"type":'):
         start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
         end = data.find(b'"', start) if start else -1
-        if end > 0:
+        if end > 0 and data.find(b"\\", start, end) < 0:
             return data[start:end].decode("latin-1"), end
     return None
 

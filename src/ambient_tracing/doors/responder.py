@@ -1,6 +1,6 @@
 """One AG-UI request's bytes: copy the RunAgentInput the app reads, watch the SSE body it sends.
 
-Every body chunk is forwarded in order and unchanged, then handed to the tracer worker, which
+Every body chunk is forwarded in order and unchanged, and handed to the tracer worker, which
 traces its events (:mod:`.body_tracer`); the one addition is a ``CUSTOM ambient:trace_id`` frame
 sent right after each run's RUN_STARTED frame. On the event loop a chunk costs a few C-level checks:
 only a chunk that may hold a run's start or end (its bytes contain ``RUN_``), or one that does not
@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,6 +38,7 @@ from ambient_tracing.observability import Observability
 from ambient_tracing.tracer.handlers import RunOpener, StreamTracer
 from ambient_tracing.tracer.request import CallerTrace
 from ambient_tracing.tracer.runs import OpenRun
+from ambient_tracing.tracer.worker import Lane
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class RunResponder:
         "_caller",
         "_disconnected",
         "_fast",
-        "_feed",
         "_finished",
+        "_lane",
         "_observability",
         "_open_run_now",
         "_opener",
@@ -109,7 +110,6 @@ class RunResponder:
         "_send",
         "_traceparent",
         "_user",
-        "_worker",
     )
 
     def __init__(
@@ -124,7 +124,6 @@ class RunResponder:
         self._app = app
         self._user = user
         self._observability = observability
-        self._worker = observability.tracer_worker
         self._scope = scope
         self._receive = receive
         self._send = send
@@ -133,7 +132,7 @@ class RunResponder:
         self._scanner: SseScanner | None = None
         self._opener: RunOpener | None = None
         self._body_tracer: BodyTracer | None = None
-        self._feed: Callable[[bytes], None] | None = None  # the body tracer's feed, bound once
+        self._lane: Lane | None = None  # the chunks on their way to the body tracer
         # True while the scanner is at a frame boundary: a chunk that ends at one and holds no
         # RUN_ is then handed over without a look (see send).
         self._fast = False
@@ -176,20 +175,20 @@ class RunResponder:
             self._disconnected = True
         return message
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``. The hot path, a plain function returning the server's own ``send``
+        awaitable: a chunk that ends at a frame boundary and starts or ends no run (a message
+        other than a body chunk has no body ending in a blank line) is queued for the tracer
+        worker as it is passed on. (``bytes.find`` is twice as fast as ``in`` here.)"""
         if self._fast:
-            # The hot path: a chunk that ends at a frame boundary and starts or ends no run.
             body = message.get("body", b"")
-            if (
-                message["type"] == "http.response.body"
-                and body.endswith(b"\n\n")
-                and b"RUN_" not in body
-                and message.get("more_body", False)
-            ):
-                await self._send(message)
-                if not self._worker.submit(self._feed, body):  # type: ignore[arg-type]
+            if body.endswith(b"\n\n") and body.find(b"RUN_") < 0 and message.get("more_body", False):
+                if not self._lane.put(body):  # type: ignore[union-attr]
                     self._fell_behind()
-                return
+                return self._send(message)
+        return self._send_other(message)
+
+    async def _send_other(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body" and self._scanner is not None:
             await self._send_traced(message)
@@ -359,7 +358,7 @@ class RunResponder:
         except Exception as exc:
             self._stop_tracing(exc)
             return
-        if not self._worker.submit(self._feed, body):  # type: ignore[arg-type]
+        if not self._lane.put(body):  # type: ignore[union-attr]
             self._fell_behind()
 
     def _ensure_tracing(self) -> tuple[BodyTracer, RunOpener]:
@@ -371,7 +370,7 @@ class RunResponder:
             opener = self._opener = RunOpener(runs, request.with_caller(self._caller))
             # The settled id is the loop's to give: a run the worker opens itself gets a fresh one.
             body_tracer = self._body_tracer = BodyTracer(StreamTracer(runs, request))
-            self._feed = body_tracer.feed
+            self._lane = Lane(self._observability.tracer_worker, body_tracer.feed)
         return body_tracer, opener
 
     def _fell_behind(self) -> None:
@@ -389,8 +388,8 @@ class RunResponder:
     def _close(self, error: str | None) -> None:
         self._run_ended()
         body_tracer, self._body_tracer = self._body_tracer, None
-        if body_tracer is not None:
-            self._worker.call(lambda: body_tracer.close(error))
+        if body_tracer is not None and self._lane is not None:
+            self._lane.call(lambda: body_tracer.close(error))
 
 
 class _Frame(NamedTuple):

@@ -21,6 +21,7 @@ from ambient_tracing.observability import Observability
 from ambient_tracing.tracer.handlers import RunOpener, StreamTracer
 from ambient_tracing.tracer.request import RunRequest
 from ambient_tracing.tracer.runs import OpenRun
+from ambient_tracing.tracer.worker import Lane
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +91,13 @@ class _TracedEvents:
     """One stream's events on their way to the tracer worker, where its tracer runs; runs are
     opened here, on the caller's loop, so their id is yielded right after their RUN_STARTED."""
 
-    __slots__ = ("_open", "_runs", "_trace", "_tracer", "_worker")
+    __slots__ = ("_lane", "_open", "_runs", "_tracer")
 
     def __init__(self, observability: Observability, request: RunRequest) -> None:
         self._runs = observability.runs
         self._open: OpenRun | None = None  # the run open now, as the caller's loop sees it
         # The settled id (if any) is the opener's to give.
         self._tracer = tracer = StreamTracer(observability.runs, request.with_caller(None))
-        self._worker = observability.tracer_worker
 
         def trace(event: BaseEvent) -> None:
             try:
@@ -105,7 +105,7 @@ class _TracedEvents:
             except Exception as exc:  # tracing must never break the stream
                 tracer.warn("could not trace a %s event: %r", getattr(event, "type", "?"), exc)
 
-        self._trace = trace
+        self._lane = Lane(observability.tracer_worker, trace)
 
     def start_run(self, opener: RunOpener, event: BaseEvent) -> str | None:
         """Open the run ``event`` starts; its trace id, or None when it is not traced."""
@@ -113,7 +113,7 @@ class _TracedEvents:
         with capture_internal_exceptions(logger, "could not open a run"):
             opened = opener.open(_EventView(event))
         tracer = self._tracer
-        self._worker.call(lambda: tracer.start_run(opened))
+        self._lane.call(lambda: tracer.start_run(opened))
         self.run_ended()
         self._open = opened
         return opened.trace_id if opened is not None else None
@@ -131,7 +131,7 @@ class _TracedEvents:
 
     def submit(self, event: BaseEvent) -> bool:
         """Hand ``event`` to the tracer; False when the worker is too far behind (tracing stops)."""
-        if self._worker.submit(self._trace, event):
+        if self._lane.put(event):
             return True
         warn_once(logger, "tracer worker behind", "the tracer worker is behind; some streams are not traced")
         self.close("not traced to the end: the tracer worker was behind")
@@ -140,7 +140,7 @@ class _TracedEvents:
     def close(self, error: str | None) -> None:
         self.run_ended()
         tracer = self._tracer
-        self._worker.call(lambda: tracer.close(error))
+        self._lane.call(lambda: tracer.close(error))
 
 
 def _with_result_trace_id(event: BaseEvent, trace_id: str | None) -> BaseEvent:

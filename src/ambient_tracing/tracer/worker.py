@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 #: How long the thread lets calls gather after it is woken: one wake-up per batch, not per event.
 BATCH_SECONDS = 0.002
-#: Queued calls past which :meth:`TracerWorker.submit` refuses new ones.
+#: Queued calls past which :meth:`TracerWorker.submit` refuses new ones (and items per :class:`Lane`).
 MAX_BACKLOG = 50_000
 #: How often :attr:`TracerWorker.tick` runs when nothing else wakes the thread.
 DEFAULT_TICK_SECONDS = 1.0
@@ -169,6 +169,72 @@ class TracerWorker:
         # Tracers guard their own calls; this is a last resort.
         with capture_internal_exceptions(logger, "a tracer call failed", once="tracer call"):
             call(argument)
+
+
+class Lane:
+    """One stream's items on their way to the tracer worker, handled there in order by ``handle``.
+
+    :meth:`put` is the hot path: a deque append and a flag test, no allocation the garbage
+    collector tracks (a queued tuple per chunk would be promoted and make full collections come
+    sooner). The lane is queued on the worker once per batch, when its first item arrives."""
+
+    __slots__ = ("_drain_call", "_handle", "_items", "_max_pending", "_scheduled", "_worker")
+
+    def __init__(self, worker: TracerWorker, handle: Callable[[Any], object]) -> None:
+        self._worker = worker
+        self._handle = handle
+        self._items: deque[Any] = deque()
+        self._scheduled = False
+        self._max_pending = worker.max_backlog
+        self._drain_call = self._drain
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; False (not queued) when the lane is full: the worker is that far behind."""
+        items = self._items
+        if len(items) >= self._max_pending:
+            return False
+        items.append(item)  # first, then the flag: a drain that has just begun still sees it
+        if self._scheduled:
+            return True
+        self._scheduled = True
+        return self._worker.submit(self._drain_call) or self._refused()
+
+    def call(self, function: Callable[[], object]) -> None:
+        """Run ``function`` on the worker after the items queued so far, before those queued after
+        (never refused: a run's opening and its stream's end are not lost)."""
+        self._items.append(_LaneCall(function))
+        if not self._scheduled:
+            self._scheduled = True
+            self._worker.call(self._drain_now)
+
+    def _refused(self) -> bool:
+        self._items.pop()
+        self._scheduled = False
+        return False
+
+    def _drain_now(self) -> None:
+        self._drain(None)
+
+    def _drain(self, _: object) -> None:
+        # Reset first: an item put while this runs queues the lane again (at worst, an empty drain).
+        self._scheduled = False
+        items, handle = self._items, self._handle
+        while items:
+            item = items.popleft()
+            if type(item) is _LaneCall:
+                with capture_internal_exceptions(logger, "a tracer call failed", once="lane call"):
+                    item.function()
+            else:
+                handle(item)
+
+
+class _LaneCall:
+    """A call queued in a :class:`Lane` among its items."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[[], object]) -> None:
+        self.function = function
 
 
 def _stop(_: object) -> None:

@@ -1,0 +1,183 @@
+"""Tracing runs on the tracer worker, off the event loop: what the loop still does (streaming,
+opening runs, announcing ids, each thread's current id) does not wait for it; a worker that is
+stuck or far behind costs the stream nothing and is bounded; shutdown is bounded too."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+from ag_ui.encoder import EventEncoder
+
+from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.testing import RecordingBackend
+from ambient_tracing.tracer.worker import Lane, TracerWorker
+from tests.support.agui_app import run_input, scripted_run
+from tests.support.pair import fetch, serve_pair, sse, strip_ids
+from tests.support.server import serve
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def encoded(events: list) -> list[bytes]:  # type: ignore[type-arg]
+    encoder = EventEncoder()
+    return [encoder.encode(event).encode() for event in events]
+
+
+def hold(worker: TracerWorker) -> threading.Event:
+    """Keep ``worker`` busy until the returned event is set (at most 20 s)."""
+    release = threading.Event()
+    worker.call(lambda: release.wait(20))
+    return release
+
+
+async def test_a_stuck_tracer_worker_does_not_hold_up_the_stream_or_its_id() -> None:
+    with serve_pair() as pair:
+        release = hold(pair.obs.tracer_worker)
+        try:
+            path = pair.app.add_stream(encoded(scripted_run("t-stuck", "r-stuck")))
+            started = time.monotonic()
+            traced = await fetch(pair.traced, path, body=run_input("t-stuck", "r-stuck"))
+            plain = await fetch(pair.plain, path, body=run_input("t-stuck", "r-stuck"))
+            assert time.monotonic() - started < 5
+            stripped, [(_, trace_id)] = strip_ids(traced.raw)
+            assert stripped == plain.raw  # every byte, and the id, while the worker is stuck
+            # What the loop keeps is current already: the id, and the run's end as the client saw it.
+            assert pair.obs.last_trace_id("t-stuck") == trace_id
+            assert pair.obs.current_trace_id("t-stuck") is None
+        finally:
+            release.set()
+        [turn] = pair.runs("t-stuck")  # traced in full once the worker is free
+        assert turn.trace_id == trace_id and turn.ended == 1 and turn.error is None
+        assert [child.name for child in turn.children] == ["tool_search"]
+        assert turn.output == "The answer is 42. "
+
+
+async def test_a_worker_far_behind_leaves_the_stream_whole_and_says_the_run_was_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ambient_tracing")
+    with serve_pair() as pair:
+        pair.obs.tracer_worker.max_backlog = 3  # lanes take their bound from the worker
+        release = hold(pair.obs.tracer_worker)
+        try:
+            events = scripted_run("t-behind", "r-behind", text=" ".join(["word"] * 40))
+            path = pair.app.add_stream(encoded(events))
+            traced = await fetch(pair.traced, path, body=run_input("t-behind", "r-behind"))
+            plain = await fetch(pair.plain, path, body=run_input("t-behind", "r-behind"))
+            stripped, [(_, trace_id)] = strip_ids(traced.raw)
+            assert stripped == plain.raw
+        finally:
+            release.set()
+        [turn] = pair.runs("t-behind")
+        assert turn.trace_id == trace_id and turn.ended == 1
+        assert turn.error is not None and "tracer worker was behind" in turn.error
+        assert any("tracer worker is behind" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_run_start_the_loop_cannot_see_is_still_traced_without_an_id() -> None:
+    # JSON escapes in the type: the loop looks for the bytes RUN_, the worker parses every event.
+    escaped = b'data: {"type":"RUN\\u005fSTARTED","threadId":"t-esc","runId":"r-esc"}\n\n'
+    chunks = [
+        escaped,
+        sse({"type": "TEXT_MESSAGE_START", "messageId": "m", "role": "assistant"}),
+        sse({"type": "TEXT_MESSAGE_CONTENT", "messageId": "m", "delta": "hello"}),
+        sse({"type": "TEXT_MESSAGE_END", "messageId": "m"}),
+        sse({"type": "RUN_FINISHED", "threadId": "t-esc", "runId": "r-esc"}),
+    ]
+    with serve_pair() as pair:
+        path = pair.app.add_stream(chunks)
+        traced = await fetch(pair.traced, path, body=run_input("t-esc", "r-esc"))
+        assert traced.raw == b"".join(chunks)  # nothing announced, nothing changed
+        [turn] = pair.runs("t-esc")
+        assert turn.output == "hello" and turn.ended == 1 and turn.error is None
+        assert pair.obs.last_trace_id("t-esc") == turn.trace_id
+
+
+async def test_aclose_is_bounded_when_the_tracer_worker_never_finishes() -> None:
+    backend = RecordingBackend()
+    obs = Observability([backend], flush_timeout=1.0)
+    release = hold(obs.tracer_worker)
+    try:
+        started = time.monotonic()
+        await obs.aclose()
+        assert time.monotonic() - started < 1.0 + 3.0
+    finally:
+        release.set()
+
+
+async def test_after_aclose_a_stream_is_passed_through_without_an_id() -> None:
+    backend = RecordingBackend()
+    obs = Observability([backend], mask_messages=False)
+    chunks = encoded(scripted_run("t-late", "r-late"))
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            for reply in ("lifespan.startup.complete", "lifespan.shutdown.complete"):
+                await receive()
+                await send({"type": reply})
+            return
+        await receive()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    with serve(TracingMiddleware(app, observability=obs)) as url:
+        await obs.aclose()
+        traced = await fetch(url, "/agent", body=run_input("t-late", "r-late"))
+    assert traced.raw == b"".join(chunks) and backend.runs == []
+
+
+def test_a_lane_hands_items_over_in_order_across_batches() -> None:
+    worker = TracerWorker()
+    seen: list[int] = []
+    lane = Lane(worker, seen.append)
+    for index in range(20_000):
+        assert lane.put(index)
+        if index % 997 == 0:
+            time.sleep(0.001)  # let the worker drain mid-way: the lane is queued again
+    done = threading.Event()
+    lane.call(done.set)
+    assert done.wait(10)
+    assert seen == list(range(20_000))
+    assert worker.close(5)
+
+
+def test_a_lane_refuses_past_its_bound_while_the_worker_is_stuck() -> None:
+    worker = TracerWorker(max_backlog=10)
+    release = hold(worker)
+    seen: list[int] = []
+    lane = Lane(worker, seen.append)
+    accepted = [lane.put(index) for index in range(15)]
+    assert accepted == [True] * 10 + [False] * 5
+    release.set()
+    assert worker.drain(5)
+    assert seen == list(range(10))
+    assert worker.close(5)
+
+
+async def test_concurrent_streams_each_get_their_own_run_in_full() -> None:
+    with serve_pair() as pair:
+        threads = [f"t-many-{index}" for index in range(20)]
+        paths = [pair.app.add_stream(encoded(scripted_run(thread, f"{thread}-r"))) for thread in threads]
+        fetched = await asyncio.gather(
+            *(
+                fetch(pair.traced, path, body=run_input(thread, f"{thread}-r"))
+                for thread, path in zip(threads, paths, strict=True)
+            )
+        )
+        for thread, response in zip(threads, fetched, strict=True):
+            [(_, trace_id)] = strip_ids(response.raw)[1]
+            [turn] = pair.runs(thread)
+            assert turn.trace_id == trace_id and turn.output == "The answer is 42. " and turn.ended == 1
+            assert [child.name for child in turn.children] == ["tool_search"]
