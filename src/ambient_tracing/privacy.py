@@ -13,9 +13,10 @@ span names, dict keys, nor the Session Metrics. Ids longer than the limit become
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
+
+from ambient_tracing import fast_json
 
 REDACTED = "[REDACTED FOR PRIVACY]"
 # Strings up to this length (ids, short labels, "ok") stay readable; longer ones are content.
@@ -39,7 +40,7 @@ def decoded(value: Any) -> Any:
     text = str(value)
     if text[:1] in ("{", "["):
         try:
-            return json.loads(text)
+            return fast_json.loads(text)
         except ValueError:
             pass
     return text

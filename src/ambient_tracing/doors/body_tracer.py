@@ -10,11 +10,11 @@ opened here, its id not announced.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from typing import Any
 
+from ambient_tracing import fast_json
 from ambient_tracing.doors.sse import SseScanner
 from ambient_tracing.tracer.handlers import StreamTracer
 from ambient_tracing.tracer.runs import OpenRun
@@ -25,23 +25,41 @@ logger = logging.getLogger(__name__)
 class BodyTracer:
     """Traces the events of one SSE body; every method runs on the tracer worker."""
 
-    __slots__ = ("_scanner", "_tracer", "opened")
+    __slots__ = ("_scanner", "_skip", "_tracer", "opened")
 
     def __init__(self, tracer: StreamTracer) -> None:
         self._tracer = tracer
         self._scanner: SseScanner | None = SseScanner()
+        # The start of the last whole frame, up to its type's closing quote, when the tracer did
+        # not want that type: more frames of it are passed over without a look (most text deltas).
+        self._skip: bytes | None = None
         #: Runs the loop opened, oldest first, with the data of their RUN_STARTED frame. The loop
         #: appends one before handing over the chunk that holds the frame.
         self.opened: deque[tuple[bytes, OpenRun | None]] = deque()
 
     def feed(self, chunk: bytes) -> None:
-        """Trace the events that ended in ``chunk``."""
+        """Trace the events that ended in ``chunk``. Long because it is the worker's hot path, kept
+        flat: a frame of the type just passed over, then a whole frame, then the general scan."""
+        skip = self._skip
+        if (
+            skip is not None
+            and chunk.startswith(skip)
+            and chunk.find(10) == len(chunk) - 2  # one line, then the blank line ending the chunk
+            and chunk[-1] == 10
+            and chunk.find(13) < 0  # and no CR making more lines of it
+        ):
+            return
+        self._skip = None
         scanner = self._scanner
         if scanner is None:
             return
         data = scanner.whole_frame(chunk)
         if data is not None:
-            self._event(data)
+            typed = event_type(data)
+            if typed is not None and not self._tracer.wants(typed[0]):
+                self._skip = chunk[: 6 + typed[1] + 1]  # "data: " + the JSON up to the closing quote
+                return
+            self._event(data, typed)
             return
         try:
             frames = scanner.feed(chunk)
@@ -50,7 +68,7 @@ class BodyTracer:
             return
         for _, data in frames:
             if data is not None:
-                self._event(data)
+                self._event(data, event_type(data))
 
     def close(self, error: str | None) -> None:
         """The body ended (``error`` None: completely): trace what is left, end what is open."""
@@ -58,7 +76,7 @@ class BodyTracer:
         if scanner is not None and error is None:
             for _, data in scanner.finish():
                 if data is not None:
-                    self._event(data)
+                    self._event(data, event_type(data))
         self._scanner = None
         tracer = self._tracer
         while self.opened:  # opened on the loop, its frame never reached here: ended, not leaked
@@ -68,13 +86,12 @@ class BodyTracer:
         except Exception as exc:
             logger.warning("could not end a trace: %r", exc)
 
-    def _event(self, data: bytes) -> None:
+    def _event(self, data: bytes, typed: tuple[str, int] | None) -> None:
         tracer = self._tracer
-        typed = event_type(data)
         if typed is not None and not tracer.wants(typed[0]):
             return  # most text deltas, once the recorded text is full: not worth parsing
         try:
-            event = json.loads(data)
+            event = fast_json.loads(data)
         except ValueError:
             tracer.warn("an SSE data line is not JSON; passed through untraced: %.80r", data)
             return
@@ -109,7 +126,7 @@ def event_type(data: bytes) -> tuple[str, int] | None:
 def parse_event(data: bytes) -> dict[str, Any] | None:
     """The event as a dict; None for non-JSON and JSON that is not an object."""
     try:
-        event = json.loads(data)
+        event = fast_json.loads(data)
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
