@@ -248,6 +248,7 @@ async def run_case(case: str, variant: str, langfuse_host: str, mlflow_uri: str)
         await asyncio.wait_for(obs.start(), 120)
         app = TracingMiddleware(app, observability=obs)
         await drive(app, "/short", "t-warm", "r-warm")  # imports and first spans before the window
+        await asyncio.to_thread(obs.tracer_worker.drain, 30)
         await asyncio.to_thread(obs.spans.worker.drain, 30)
     if os.environ.get("PROBE_GC_FREEZE") == "1":
         gc.freeze()  # what an app may do after startup: imports out of the collector's way

@@ -182,7 +182,11 @@ class RunResponder:
         worker as it is passed on. (``bytes.find`` is twice as fast as ``in`` here.)"""
         if self._fast:
             body = message.get("body", b"")
-            if body.endswith(b"\n\n") and body.find(b"RUN_") < 0 and message.get("more_body", False):
+            if (
+                (body.endswith(b"\n\n") or body.endswith(b"\r\n\r\n"))  # ends at a frame boundary
+                and body.find(b"RUN_") < 0
+                and message.get("more_body", False)
+            ):
                 if not self._lane.put(body):  # type: ignore[union-attr]
                     self._fell_behind()
                 return self._send(message)
