@@ -24,6 +24,7 @@ MAX_VISIBLE_CHARS = 50
 # Deeper than this, a value is redacted whole (JSON from the wire may nest thousands deep).
 _MAX_DEPTH = 64
 _SCALARS = (int, float, bool, type(None))
+_PLAIN_SCALARS = frozenset(_SCALARS)
 
 
 class JsonText(str):
@@ -48,21 +49,32 @@ def decoded(value: Any) -> Any:
 
 def mask(value: Any, _depth: int = 0) -> Any:
     """Every string longer than 50 characters, at any depth and in dict keys, as ``[REDACTED FOR
-    PRIVACY]``; numbers, booleans and None kept; anything else (or nested too deep) redacted."""
+    PRIVACY]``; numbers, booleans and None kept; anything else (or nested too deep) redacted.
+    (Short strings and numbers inside a container are kept without a call: most of a decoded
+    tool payload, masked on the exporter's thread for every span.)"""
     if isinstance(value, str):
         return REDACTED if len(value) > MAX_VISIBLE_CHARS else value
     if isinstance(value, _SCALARS):
         return value
     if _depth >= _MAX_DEPTH:
         return REDACTED
+    depth = _depth + 1
     if isinstance(value, Mapping):
         masked: dict[Any, Any] = {}
         for key, item in value.items():
-            masked[_free_key(masked, mask(key, _depth + 1))] = mask(item, _depth + 1)
+            if type(key) is not str or len(key) > MAX_VISIBLE_CHARS or key == REDACTED:
+                key = _free_key(masked, mask(key, depth))
+            masked[key] = item if _kept(item) else mask(item, depth)
         return masked
     if isinstance(value, (list, tuple)):
-        return [mask(item, _depth + 1) for item in value]
+        return [item if _kept(item) else mask(item, depth) for item in value]
     return REDACTED
+
+
+def _kept(value: Any) -> bool:
+    """Whether ``value`` is kept as it is: a short plain string, a plain number, a bool or None."""
+    kind = type(value)
+    return kind in _PLAIN_SCALARS or (kind is str and len(value) <= MAX_VISIBLE_CHARS)
 
 
 def _free_key(masked: Mapping[Any, Any], key: Any) -> Any:
