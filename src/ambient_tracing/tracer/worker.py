@@ -60,7 +60,7 @@ class TracerWorker:
         tick_seconds: float = DEFAULT_TICK_SECONDS,
         max_backlog: int = MAX_BACKLOG,
     ) -> None:
-        self._calls: deque[tuple[Callable[[Any], object], Any]] = deque()
+        self._calls: deque[Callable[[], object]] = deque()
         self._wake = threading.Event()
         self._waiting = False  # the thread is (about to be) asleep on _wake: a submit must set it
         self._tick = tick
@@ -76,18 +76,18 @@ class TracerWorker:
         """Whether the caller runs on this worker's thread."""
         return self._thread is threading.current_thread()
 
-    def submit(self, call: Callable[[Any], object], argument: Any = None) -> bool:
-        """Queue ``call(argument)``; False (not queued) when the backlog is full. The hot path.
-        After :meth:`close` the call runs at once on the caller's thread."""
+    def submit(self, call: Callable[[], object]) -> bool:
+        """Queue ``call``; False (not queued) when the backlog is full. After :meth:`close` the
+        call runs at once on the caller's thread."""
         calls = self._calls
         if len(calls) >= self.max_backlog:
             return False
         if self._thread is None:
             if self._closed:
-                self._run(call, argument)
+                self._run(call)
                 return True
             self._start()
-        calls.append((call, argument))
+        calls.append(call)
         if self._waiting:
             self._waiting = False
             self._wake.set()
@@ -97,7 +97,7 @@ class TracerWorker:
         """Run ``function`` on the thread after what is queued (never refused); its result as a future."""
         done: Future[T] = Future()
 
-        def run(_: object) -> None:
+        def run() -> None:
             if done.set_running_or_notify_cancel():
                 try:
                     done.set_result(function())
@@ -106,11 +106,11 @@ class TracerWorker:
 
         calls = self._calls
         if self._thread is None and self._closed:
-            run(None)
+            run()
             return done
         if self._thread is None:
             self._start()
-        calls.append((run, None))
+        calls.append(run)
         self._wake.set()
         return done
 
@@ -131,7 +131,7 @@ class TracerWorker:
             thread, self._thread = self._thread, None
             self._closed = True
         if thread is not None:
-            self._calls.append((_stop, None))
+            self._calls.append(_stop)
             self._wake.set()
         return drained
 
@@ -155,20 +155,20 @@ class TracerWorker:
                         time.sleep(BATCH_SECONDS)  # let a busy stream's next events gather
                 self._waiting = False
             while calls:
-                call, argument = calls.popleft()
+                call = calls.popleft()
                 if call is _stop:
                     return
-                self._run(call, argument)
+                self._run(call)
             if self._tick is not None and time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + self.tick_seconds
                 with capture_internal_exceptions(logger, "a tracer worker tick failed", once="tick"):
                     self._tick()
 
     @staticmethod
-    def _run(call: Callable[[Any], object], argument: Any) -> None:
+    def _run(call: Callable[[], object]) -> None:
         # Tracers guard their own calls; this is a last resort.
         with capture_internal_exceptions(logger, "a tracer call failed", once="tracer call"):
-            call(argument)
+            call()
 
 
 class Lane:
@@ -178,7 +178,7 @@ class Lane:
     collector tracks (a queued tuple per chunk would be promoted and make full collections come
     sooner). The lane is queued on the worker once per batch, when its first item arrives."""
 
-    __slots__ = ("_drain_call", "_handle", "_items", "_max_pending", "_scheduled", "_worker")
+    __slots__ = ("_handle", "_items", "_max_pending", "_scheduled", "_worker")
 
     def __init__(self, worker: TracerWorker, handle: Callable[[Any], object]) -> None:
         self._worker = worker
@@ -186,7 +186,6 @@ class Lane:
         self._items: deque[Any] = deque()
         self._scheduled = False
         self._max_pending = worker.max_backlog
-        self._drain_call = self._drain
 
     def put(self, item: Any) -> bool:
         """Queue ``item``; False (not queued) when the lane is full: the worker is that far behind."""
@@ -197,7 +196,7 @@ class Lane:
         if self._scheduled:
             return True
         self._scheduled = True
-        return self._worker.submit(self._drain_call) or self._refused()
+        return self._worker.submit(self._drain) or self._refused()
 
     def call(self, function: Callable[[], object]) -> None:
         """Run ``function`` on the worker after the items queued so far, before those queued after
@@ -205,17 +204,14 @@ class Lane:
         self._items.append(_LaneCall(function))
         if not self._scheduled:
             self._scheduled = True
-            self._worker.call(self._drain_now)
+            self._worker.call(self._drain)
 
     def _refused(self) -> bool:
         self._items.pop()
         self._scheduled = False
         return False
 
-    def _drain_now(self) -> None:
-        self._drain(None)
-
-    def _drain(self, _: object) -> None:
+    def _drain(self) -> None:
         # Reset first: an item put while this runs queues the lane again (at worst, an empty drain).
         self._scheduled = False
         items, handle = self._items, self._handle
@@ -237,5 +233,5 @@ class _LaneCall:
         self.function = function
 
 
-def _stop(_: object) -> None:
+def _stop() -> None:
     """The marker that ends the thread (never run)."""
