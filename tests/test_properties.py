@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.privacy import JsonText, decoded, mask, mask_json
 from ambient_tracing.testing import RecordedSpan, RecordingBackend
 from tests.support.asgi_driver import drive, sse_app
 from tests.support.pair import ends_of, strip_ids
@@ -262,3 +263,35 @@ def test_arbitrary_request_bytes_pass_through_untouched(body: list[bytes], user:
     assert turn.run is not None and (turn.run.thread_id, turn.run.run_id) == ("t", "r")
     assert turn.output == "hi" and turn.error is None
     assert backend.open_spans() == []
+
+
+# Strings around the mask's limit, with the characters JSON escapes or spells in several ways.
+_mask_text = st.text(alphabet='ab"\\\u00e9\U0001f600 {}[],:\n\ud83d', max_size=70)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _mask_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_mask_text, children, max_size=4),
+    max_leaves=30,
+)
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@settings(SETTINGS, max_examples=400)
+@given(
+    json_values | st.integers(min_value=60, max_value=70).map(_nested),
+    st.sampled_from([{}, {"ensure_ascii": False}, {"separators": (",", ":")}]),
+)
+def test_masking_json_text_skips_the_walk_only_when_it_changes_nothing(value: Any, options: Any) -> None:
+    text = JsonText(json.dumps(value, **options))
+    assert mask_json(text) == mask(decoded(text))
+    assert json.dumps(mask_json(text)) == json.dumps(mask(decoded(text)))
+
+
+def test_json_text_with_a_lone_surrogate_is_decoded() -> None:
+    # A tool result whose JSON text came from an escaped lone surrogate on the wire.
+    assert decoded(JsonText('{"k": "\ud83d"}')) == {"k": "\ud83d"}

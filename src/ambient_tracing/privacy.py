@@ -13,6 +13,7 @@ span names, dict keys, nor the Session Metrics. Ids longer than the limit become
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,9 @@ MAX_VISIBLE_CHARS = 50
 _MAX_DEPTH = 64
 _SCALARS = (int, float, bool, type(None))
 _PLAIN_SCALARS = frozenset(_SCALARS)
+# In JSON text without an escaped quote, a string over the limit is its opening quote followed by
+# more than the limit of characters that are not quotes.
+_LONG_STRING = re.compile(f'"[^"]{{{MAX_VISIBLE_CHARS + 1}}}')
 
 
 class JsonText(str):
@@ -69,6 +73,25 @@ def mask(value: Any, _depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [item if _kept(item) else mask(item, depth) for item in value]
     return REDACTED
+
+
+def mask_json(value: Any) -> Any:
+    """``mask(decoded(value))``, without walking a :class:`JsonText`'s value when its text shows
+    there is nothing to mask: no escaped quote, no quote followed by more than the limit of other
+    characters (so no string, key or value, over it), fewer brackets than the depth limit. Tool
+    payloads are masked so for every span on the exporters' threads; most hold only short strings."""
+    plain = decoded(value)
+    if type(value) is JsonText and type(plain) in (dict, list) and _nothing_to_mask(value):
+        return plain
+    return mask(plain)
+
+
+def _nothing_to_mask(text: str) -> bool:
+    return (
+        text.count("{") + text.count("[") < _MAX_DEPTH
+        and text.find('\\"') < 0
+        and _LONG_STRING.search(text) is None
+    )
 
 
 def _kept(value: Any) -> bool:

@@ -24,6 +24,7 @@ from ambient_tracing.privacy import (
     decoded,
     mask,
     mask_attributes,
+    mask_json,
     mask_name,
     mask_text,
 )
@@ -221,9 +222,9 @@ def outgoing_record(record: SpanRecord) -> SpanRecord:
         return plain
     masked = copy.copy(record)
     masked.name = mask_name(record.name)
-    masked.input = mask(decoded(record.input))
+    masked.input = mask_json(record.input)
     masked.attributes = mask_attributes(record.attributes)
-    masked.output = mask(decoded(record.output))
+    masked.output = mask_json(record.output)
     masked.error = mask_text(record.error)
     masked.model = mask(record.model)
     masked.usage = mask_usage(record.usage)

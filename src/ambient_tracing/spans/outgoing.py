@@ -11,7 +11,15 @@ from typing import Any
 
 from ambient_tracing.backends.base import RunStart, Span, SpanKind, TokenUsage
 from ambient_tracing.backends.records import mask_usage
-from ambient_tracing.privacy import decoded, mask, mask_attributes, mask_id, mask_name, mask_text
+from ambient_tracing.privacy import (
+    decoded,
+    mask,
+    mask_attributes,
+    mask_id,
+    mask_json,
+    mask_name,
+    mask_text,
+)
 
 
 def mask_run(run: RunStart) -> RunStart:
@@ -44,7 +52,7 @@ class OutgoingSpan:
         return self._span.trace_id
 
     def _value(self, value: Any) -> Any:
-        return mask(decoded(value)) if self._masked else decoded(value)
+        return mask_json(value) if self._masked else decoded(value)
 
     def start_child(
         self,
@@ -89,7 +97,7 @@ class OutgoingSpan:
             )
             return
         self._span.end(
-            output=mask(decoded(output)),
+            output=mask_json(output),
             error=mask_text(error),
             model=mask(model),
             usage=mask_usage(usage),
