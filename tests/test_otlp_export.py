@@ -586,3 +586,37 @@ async def test_aclose_sends_what_is_queued_within_flush_timeout(langfuse_receive
         "tool_Read",
     ]
     assert backend.span_sink.exported >= 4 and backend.span_sink.pending == 0
+
+
+def test_a_span_that_cannot_be_prepared_never_stops_the_exporter(
+    langfuse_receiver: LangfuseReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool result whose JSON holds a lone surrogate (escaped on the wire) is decoded; a record
+    that still cannot be prepared is counted as failed, and the spans after it are sent."""
+    from ambient_tracing.backends import record_queue
+    from ambient_tracing.privacy import JsonText
+
+    backend = LangfuseBackend(public_key="pk-s", secret_key="sk-s", host=langfuse_receiver.base_url)
+    sink = backend.span_sink
+    assert sink is not None
+    trace_id = new_trace_id()
+    root = RecordSpan.open_run(_turn(trace_id), [sink])
+    root.start_child("tool_surrogate", SpanKind.TOOL).end(output=JsonText('{"k": "\ud83d"}'))
+    backend.flush(10)
+    prepare = record_queue.outgoing_record
+
+    def refuse_one(record: SpanRecord) -> SpanRecord:
+        if record.name == "tool_unpreparable":
+            raise RuntimeError("cannot be prepared")
+        return prepare(record)
+
+    monkeypatch.setattr(record_queue, "outgoing_record", refuse_one)
+    root.start_child("tool_unpreparable", SpanKind.TOOL).end(output="x")
+    root.start_child("tool_after", SpanKind.TOOL).end(output="y")
+    root.end(output="done")
+    backend.flush(10)
+    spans = {span.name: span for span in langfuse_receiver.wait_for_spans(3)}
+    assert spans["tool_surrogate"].attributes["langfuse.observation.output"] == '{"k": "\\ud83d"}'
+    assert {"tool_after", "llm_interaction"} <= spans.keys() and "tool_unpreparable" not in spans
+    assert sink.failed == 1
+    backend.shutdown()

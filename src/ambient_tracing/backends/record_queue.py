@@ -11,6 +11,7 @@ import threading
 from collections import deque
 
 from ambient_tracing.backends.records import SpanRecord, outgoing_record
+from ambient_tracing.failures import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,18 @@ class RecordQueue:
                 self._thread = thread
                 thread.start()
 
+    def _outgoing(self, batch: list[SpanRecord]) -> list[SpanRecord]:
+        """The batch as it leaves the process; a record that cannot be prepared is counted in
+        ``failed`` and left out, never ending the thread (the rest of the batch still goes)."""
+        outgoing = []
+        for record in batch:
+            try:
+                outgoing.append(outgoing_record(record))
+            except Exception as exc:
+                self.failed += 1
+                warn_once(logger, "unprepared", "%s: a span could not be prepared: %r", self.name, exc)
+        return outgoing
+
     def _work(self) -> None:
         while not self._stopping.is_set():
             self._wake.wait(self._interval)
@@ -128,7 +141,9 @@ class RecordQueue:
             queue = self._queue
             while queue and not self._stopping.is_set():
                 batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
-                self._deliver([outgoing_record(record) for record in batch])
+                outgoing = self._outgoing(batch)
+                if outgoing:
+                    self._deliver(outgoing)
             if waiters:
                 self._after_flush()
             for waiter in waiters:
