@@ -5,6 +5,7 @@ stuck or far behind costs the stream nothing and is bounded; shutdown is bounded
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.testing import RecordingBackend
 from ambient_tracing.tracer.worker import Lane, TracerWorker
 from tests.support.agui_app import run_input, scripted_run
+from tests.support.asgi_driver import drive, sse_app
 from tests.support.pair import fetch, serve_pair, sse, strip_ids
 from tests.support.server import serve
 
@@ -181,3 +183,71 @@ async def test_concurrent_streams_each_get_their_own_run_in_full() -> None:
             [turn] = pair.runs(thread)
             assert turn.trace_id == trace_id and turn.output == "The answer is 42. " and turn.ended == 1
             assert [child.name for child in turn.children] == ["tool_search"]
+
+
+def _text_run(thread: str, run: str, deltas: list[str], start: bytes | None = None) -> list[bytes]:
+    message = f"{run}-m"
+    return [
+        start or sse({"type": "RUN_STARTED", "threadId": thread, "runId": run}),
+        sse({"type": "TEXT_MESSAGE_START", "messageId": message, "role": "assistant"}),
+        *(sse({"type": "TEXT_MESSAGE_CONTENT", "messageId": message, "delta": delta}) for delta in deltas),
+        sse({"type": "TEXT_MESSAGE_END", "messageId": message}),
+        sse({"type": "RUN_FINISHED", "threadId": thread, "runId": run}),
+    ]
+
+
+async def _traced_with_a_worker_keeping_up(
+    chunks: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> tuple[bytes, list[bytes], RecordingBackend]:
+    """The stream through the middleware, paused between chunks so the tracer worker keeps up (and
+    tells the loop what it does not want); the body, the chunks the worker was fed, the backend."""
+    from ambient_tracing.doors.body_tracer import BodyTracer
+
+    fed: list[bytes] = []
+    feed = BodyTracer.feed
+
+    def spy(self: BodyTracer, chunk: bytes) -> None:
+        fed.append(chunk)
+        feed(self, chunk)
+
+    monkeypatch.setattr(BodyTracer, "feed", spy)
+    backend = RecordingBackend()
+    obs = Observability([backend])
+    app = TracingMiddleware(sse_app(chunks, pause=0.02), observability=obs)
+    driven = await drive(app, [json.dumps(run_input("t", "r")).encode()])
+    assert obs.tracer_worker.drain(5)
+    return driven.body, fed, backend
+
+
+async def test_frames_the_tracer_does_not_want_are_not_handed_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = _text_run("t-skip", "r-skip", ["0123456789"] * 30)
+    body, fed, backend = await _traced_with_a_worker_keeping_up(chunks, monkeypatch)
+    stripped, [(_, trace_id)] = strip_ids(body)
+    assert stripped == b"".join(chunks)
+    # With the mask on, text past 51 characters is not kept: the worker says so once it has seen
+    # enough, and the loop stops handing those deltas over; the end still arrives.
+    assert len(fed) < len(chunks) - 15
+    [turn] = backend.runs
+    assert turn.trace_id == trace_id and turn.ended == 1 and turn.error is None
+    assert turn.output == "[REDACTED FOR PRIVACY]"
+
+
+@pytest.mark.parametrize(
+    "hidden",
+    [
+        b'data: {"type":"RUN\\u005fSTARTED","threadId":"t-hid","runId":"r-2"}\n\n',
+        b'data: {"threadId":"t-hid","runId":"r-2","type":"\\u0052UN_STARTED"}\n\n',
+    ],
+)
+async def test_a_hidden_run_start_ends_passing_over(hidden: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between runs no text is wanted; a run the loop cannot see start (its type written with
+    escapes) wants it again: its text is traced, though the loop was told text was unwanted."""
+    first = _text_run("t-hid", "r-1", ["0123456789"] * 10)
+    stray = [sse({"type": "TEXT_MESSAGE_CONTENT", "messageId": "x", "delta": "stray"})] * 5
+    second = _text_run("t-hid", "r-2", ["hello"], start=hidden)
+    chunks = first + stray + second
+    body, fed, backend = await _traced_with_a_worker_keeping_up(chunks, monkeypatch)
+    assert strip_ids(body)[0] == b"".join(chunks)
+    assert fed.count(stray[0]) < len(stray)  # strays were passed over...
+    assert fed[-len(second) - 1 : -1] == second  # ...nothing after the hidden start was
+    assert [turn.output for turn in backend.runs] == ["[REDACTED FOR PRIVACY]", "hello"]

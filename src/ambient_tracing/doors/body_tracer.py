@@ -21,11 +21,15 @@ from ambient_tracing.tracer.runs import OpenRun
 
 logger = logging.getLogger(__name__)
 
+#: At most this many event types are published to the loop as unwanted at once (they come from the
+#: wire; the loop tests each chunk against all of them).
+MAX_UNWANTED_TYPES = 8
+
 
 class BodyTracer:
     """Traces the events of one SSE body; every method runs on the tracer worker."""
 
-    __slots__ = ("_scanner", "_skip", "_tracer", "opened")
+    __slots__ = ("_generation", "_scanner", "_skip", "_tracer", "opened", "unwanted")
 
     def __init__(self, tracer: StreamTracer) -> None:
         self._tracer = tracer
@@ -36,6 +40,18 @@ class BodyTracer:
         #: Runs the loop opened, oldest first, with the data of their RUN_STARTED frame. The loop
         #: appends one before handing over the chunk that holds the frame.
         self.opened: deque[tuple[bytes, OpenRun | None]] = deque()
+        # How many chunks that may start a run the loop has marked (see next_generation).
+        self._generation = 0
+        #: ``(generation, prefixes)``, written here, read by the loop: a chunk that is one frame
+        #: starting with one of ``prefixes`` (``data: {"type":"<type>"``) is not wanted as long as
+        #: the loop's generation is the same (see ``RunResponder._passes_over``).
+        self.unwanted: tuple[int, tuple[bytes, ...]] = (0, ())
+
+    def next_generation(self) -> None:
+        """The loop handed over a chunk that may start a run (what the tracer wants may change
+        from there): what was published as unwanted before it no longer holds. Queued by the loop
+        in the lane right before that chunk."""
+        self._generation += 1
 
     def feed(self, chunk: bytes) -> None:
         """Trace the events that ended in ``chunk``. Long because it is the worker's hot path, kept
@@ -57,7 +73,9 @@ class BodyTracer:
         if data is not None:
             typed = event_type(data)
             if typed is not None and not self._tracer.wants(typed[0]):
-                self._skip = chunk[: 6 + typed[1] + 1]  # "data: " + the JSON up to the closing quote
+                # "data: " + the JSON up to the type's closing quote: unwanted until a run starts.
+                self._skip = skip = chunk[: 6 + typed[1] + 1]
+                self._publish_unwanted(skip)
                 return
             self._event(data, typed)
             return
@@ -69,6 +87,13 @@ class BodyTracer:
         for _, data in frames:
             if data is not None:
                 self._event(data, event_type(data))
+
+    def _publish_unwanted(self, prefix: bytes) -> None:
+        generation, prefixes = self.unwanted
+        if generation != self._generation:
+            prefixes = ()
+        if prefix not in prefixes and len(prefixes) < MAX_UNWANTED_TYPES:
+            self.unwanted = (self._generation, (*prefixes, prefix))  # one write: the loop reads it whole
 
     def close(self, error: str | None) -> None:
         """The body ended (``error`` None: completely): trace what is left, end what is open."""

@@ -100,6 +100,7 @@ class RunResponder:
         "_disconnected",
         "_fast",
         "_finished",
+        "_generation",
         "_lane",
         "_observability",
         "_open_run_now",
@@ -108,6 +109,7 @@ class RunResponder:
         "_scanner",
         "_scope",
         "_send",
+        "_skipping",
         "_traceparent",
         "_user",
     )
@@ -136,6 +138,11 @@ class RunResponder:
         # True while the scanner is at a frame boundary: a chunk that ends at one and holds no
         # RUN_ is then handed over without a look (see send).
         self._fast = False
+        # Chunks the tracer does not want may be passed over, not handed over (see _passes_over);
+        # False for good once a chunk could hide a run's start. The generation counts the chunks
+        # handed over that may start a run (the tracer counts the same, see BodyTracer.unwanted).
+        self._skipping = True
+        self._generation = 0
         # The run open on this stream, as the loop sees it (result.traceId, the thread's current id).
         self._open_run_now: OpenRun | None = None
         self._finished = False
@@ -187,10 +194,27 @@ class RunResponder:
                 and body.find(b"RUN_") < 0
                 and message.get("more_body", False)
             ):
-                if not self._lane.put(body):  # type: ignore[union-attr]
+                if not (self._skipping and self._passes_over(body)) and not self._lane.put(body):  # type: ignore[union-attr]
                     self._fell_behind()
                 return self._send(message)
         return self._send_other(message)
+
+    def _passes_over(self, body: bytes) -> bool:
+        """Whether the chunk need not be handed over: one frame of a type the tracer said it does
+        not want (most text deltas, once the kept text is full), said since the last chunk that may
+        have started a run. A chunk that is not one plainly typed frame could hide a run's start
+        the loop cannot see (its type written with escapes): then this stream is never passed
+        over again, as the tracer could want those frames once that run is open."""
+        single = body.find(10) == len(body) - 2 and body.find(13) < 0
+        generation, prefixes = self._body_tracer.unwanted  # type: ignore[union-attr]
+        if single and generation == self._generation and body.startswith(prefixes):
+            return True
+        if not (single and body.startswith(b'data: {"type":"')):
+            self._skipping = False
+        else:
+            end = body.find(b'"', 15)
+            self._skipping = end > 0 and body.find(b"\\", 15, end) < 0
+        return False
 
     async def _send_other(self, message: Message) -> None:
         kind = message["type"]
@@ -362,6 +386,8 @@ class RunResponder:
         except Exception as exc:
             self._stop_tracing(exc)
             return
+        self._generation += 1  # the chunk may start a run: what was unwanted before may be wanted
+        self._lane.call(self._body_tracer.next_generation)  # type: ignore[union-attr]
         if not self._lane.put(body):  # type: ignore[union-attr]
             self._fell_behind()
 
