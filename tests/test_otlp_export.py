@@ -620,3 +620,29 @@ def test_a_span_that_cannot_be_prepared_never_stops_the_exporter(
     assert {"tool_after", "llm_interaction"} <= spans.keys() and "tool_unpreparable" not in spans
     assert sink.failed == 1
     backend.shutdown()
+
+
+def test_run_attributes_are_encoded_once_and_written_first_on_every_span() -> None:
+    """Each span carries its run's attributes, then its own, exactly as the mapper gives them,
+    with the spans of two runs interleaved in one batch."""
+    from ambient_tracing.backends.otlp import encode
+    from tests.support.langfuse_receiver import decode_spans
+
+    mapper = LangfuseMapper(public_key="pk")
+    roots = [RecordSpan.open_run(_turn(new_trace_id(), run_id=run_id), ()) for run_id in ("run-a", "run-b")]
+    records = []
+    for index in range(3):
+        for root in roots:
+            child = root.start_child(f"tool_{index}", SpanKind.TOOL, input={"n": index})
+            child.end(output="done", attributes={"is_error": False})
+            records.append(child.record)
+    records += [root.record for root in roots]
+    for root in roots:
+        root.end(output="bye")
+    received = decode_spans(encode(records, mapper))
+    assert [span.name for span in received] == [record.name for record in records]
+    for span, record in zip(received, records, strict=True):
+        expected = {**mapper.run_attributes(record), **mapper.attributes(record)}
+        assert list(span.attributes) == list(expected)
+        assert span.attributes["session.id"] == record.run.thread_id
+        assert span.attributes["langfuse.trace.metadata.run_id"] == f'"{record.run.run_id}"'

@@ -205,10 +205,14 @@ class LangfuseMapper:
             self._trace_cache = (id(run), attributes)
         return attributes
 
+    def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
+        """The trace-level attributes ``propagate_attributes`` writes on every span of the trace."""
+        return self._trace_level(record)
+
     def attributes(self, record: SpanRecord) -> dict[str, Any]:
         as_type = TYPES.get(record.kind, "span")
         generation = as_type in GENERATION_LIKE
-        attributes = dict(self._trace_level(record))
+        attributes: dict[str, Any] = {}
         if self.environment:
             attributes["langfuse.environment"] = self.environment
         attributes["langfuse.observation.type"] = as_type

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ambient_tracing.backends.base import SpanKind, TokenUsage
-from ambient_tracing.backends.otlp import NULL, STATUS_ERROR, STATUS_OK, Scope
+from ambient_tracing.backends.otlp import NO_ATTRIBUTES, NULL, STATUS_ERROR, STATUS_OK, Scope
 from ambient_tracing.backends.records import SpanRecord
 
 TRACES_PATH = "/v1/traces"
@@ -119,6 +119,9 @@ class MlflowMapper:
         self.experiment_id = experiment_id
         self.resource: Mapping[str, Any] = {}  # a service.name would become a trace tag
         self.scope = Scope("ambient_tracing")
+
+    def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
+        return NO_ATTRIBUTES
 
     def attributes(self, record: SpanRecord) -> dict[str, Any]:
         attributes: dict[str, Any] = {}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ambient_tracing.backends.base import SpanKind, TokenUsage
 from ambient_tracing.backends.mlflow_otlp import GEN_AI_USAGE, SPAN_TYPES
-from ambient_tracing.backends.otlp import STATUS_ERROR, STATUS_UNSET, Scope
+from ambient_tracing.backends.otlp import NO_ATTRIBUTES, STATUS_ERROR, STATUS_UNSET, Scope
 from ambient_tracing.backends.records import SpanRecord
 
 TRACES_PATH = "/v1/traces"
@@ -131,6 +131,9 @@ class OtelMapper:
             "telemetry.sdk.version": version,
         }
         self.scope = Scope(SCOPE_NAME, version)
+
+    def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
+        return NO_ATTRIBUTES
 
     def attributes(self, record: SpanRecord) -> dict[str, Any]:
         """Long because it is one table: GenAI, OpenInference and the package's own attributes."""

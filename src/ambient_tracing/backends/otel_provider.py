@@ -163,7 +163,7 @@ class ProviderSink(RecordQueue):
         span = tracer.start_span(
             record.name,
             context=context,
-            attributes=self.mapper.attributes(record),
+            attributes={**self.mapper.run_attributes(record), **self.mapper.attributes(record)},
             start_time=record.start_ns,
         )
         ids.clear()

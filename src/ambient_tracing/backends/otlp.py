@@ -19,6 +19,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -55,6 +56,8 @@ class _Null:
 
 
 NULL: Any = _Null()
+#: :meth:`SpanMapper.run_attributes` of a destination whose spans share none.
+NO_ATTRIBUTES: Mapping[str, Any] = MappingProxyType({})
 
 
 class Scope(NamedTuple):
@@ -71,7 +74,14 @@ class SpanMapper(Protocol):
     resource: Mapping[str, Any]
     scope: Scope
 
-    def attributes(self, record: SpanRecord) -> Mapping[str, Any]: ...
+    def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
+        """The attributes the spans of the record's run share, written first: the same object for
+        each of them (so it is encoded once per batch), or an empty mapping."""
+        ...
+
+    def attributes(self, record: SpanRecord) -> Mapping[str, Any]:
+        """The span's own attributes, written after :meth:`run_attributes`."""
+        ...
 
     def status(self, record: SpanRecord) -> tuple[int, str]:
         """``(STATUS_*, message)``."""
@@ -84,12 +94,20 @@ def valid_text(text: str) -> str:
 
 
 def set_any_value(target: AnyValue, value: Any) -> None:
-    """Write a Python value into an OTLP ``AnyValue`` (dicts and lists nested, None left empty)."""
-    if isinstance(value, str):
-        try:
-            target.string_value = value
-        except UnicodeEncodeError:
-            target.string_value = valid_text(value)
+    """Write a Python value into an OTLP ``AnyValue`` (dicts and lists nested, None left empty).
+    Exact types are tested first: decoded JSON is all of them, and ABC checks cost more."""
+    kind = type(value)
+    if kind is str:
+        _set_text(target, value)
+    elif kind is dict:
+        _set_mapping(target, value)
+    elif kind is list or kind is tuple:
+        target.array_value.SetInParent()
+        items = target.array_value.values
+        for item in value:
+            set_any_value(items.add(), item)
+    elif isinstance(value, str):
+        _set_text(target, value)
     elif isinstance(value, bool):
         target.bool_value = value
     elif isinstance(value, int):
@@ -100,21 +118,32 @@ def set_any_value(target: AnyValue, value: Any) -> None:
     elif isinstance(value, float):
         target.double_value = value
     elif isinstance(value, Mapping):
-        target.kvlist_value.SetInParent()  # an empty mapping is still a mapping, not "no value"
-        entries = target.kvlist_value.values
-        for key, item in value.items():
-            entry = entries.add()
-            entry.key = valid_text(str(key))
-            set_any_value(entry.value, item)
+        _set_mapping(target, value)
     elif isinstance(value, list | tuple):
-        target.array_value.SetInParent()
-        items = target.array_value.values
-        for item in value:
-            set_any_value(items.add(), item)
+        set_any_value(target, list(value))
     elif isinstance(value, bytes):
         target.bytes_value = value
     elif value is not None:
         target.string_value = str(value)
+
+
+def _set_text(target: AnyValue, text: str) -> None:
+    try:
+        target.string_value = text
+    except UnicodeEncodeError:
+        target.string_value = valid_text(text)
+
+
+def _set_mapping(target: AnyValue, value: Mapping[Any, Any]) -> None:
+    target.kvlist_value.SetInParent()  # an empty mapping is still a mapping, not "no value"
+    entries = target.kvlist_value.values
+    for key, item in value.items():
+        entry = entries.add()
+        try:
+            entry.key = key if type(key) is str else str(key)
+        except UnicodeEncodeError:
+            entry.key = valid_text(str(key))
+        set_any_value(entry.value, item)
 
 
 def _add_attributes(target: Any, attributes: Mapping[str, Any]) -> None:
@@ -147,10 +176,11 @@ def encode_counting(records: Iterable[SpanRecord], mapper: SpanMapper) -> tuple[
         _add_attributes(scope_spans.scope.attributes, scope.attributes)
     spans = scope_spans.spans
     skipped = 0
+    shared = _SharedAttributes()
     for record in records:
         span = spans.add()
         try:
-            _encode_span(span, record, mapper)
+            _encode_span(span, record, mapper, shared)
         except Exception:
             logger.debug("span %r could not be encoded", record.name, exc_info=True)
             del spans[-1]
@@ -159,7 +189,26 @@ def encode_counting(records: Iterable[SpanRecord], mapper: SpanMapper) -> tuple[
     return body, skipped
 
 
-def _encode_span(span: ProtoSpan, record: SpanRecord, mapper: SpanMapper) -> None:
+class _SharedAttributes:
+    """Run attributes encoded once per batch: a span's ``attributes`` field, serialized, merged
+    into each span that shares them (protobuf appends a repeated field's entries on merge)."""
+
+    __slots__ = ("_encoded",)
+
+    def __init__(self) -> None:
+        # id(attributes) -> (attributes, their encoding): the mapping is kept, so its id stays its own.
+        self._encoded: dict[int, tuple[Mapping[str, Any], bytes]] = {}
+
+    def add_to(self, span: ProtoSpan, attributes: Mapping[str, Any]) -> None:
+        encoded = self._encoded.get(id(attributes))
+        if encoded is None or encoded[0] is not attributes:
+            holder = ProtoSpan()
+            _add_attributes(holder.attributes, attributes)
+            encoded = self._encoded[id(attributes)] = (attributes, holder.SerializeToString())
+        span.MergeFromString(encoded[1])
+
+
+def _encode_span(span: ProtoSpan, record: SpanRecord, mapper: SpanMapper, shared: _SharedAttributes) -> None:
     span.trace_id = bytes.fromhex(record.trace_id)
     span.span_id = record.span_id.to_bytes(8, "big")
     if record.parent_id is not None:
@@ -171,6 +220,9 @@ def _encode_span(span: ProtoSpan, record: SpanRecord, mapper: SpanMapper) -> Non
     span.kind = ProtoSpan.SPAN_KIND_INTERNAL
     span.start_time_unix_nano = record.start_ns
     span.end_time_unix_nano = max(record.end_ns, record.start_ns)
+    run_attributes = mapper.run_attributes(record)
+    if run_attributes:
+        shared.add_to(span, run_attributes)
     _add_attributes(span.attributes, mapper.attributes(record))
     code, message = mapper.status(record)
     if code != STATUS_UNSET:
