@@ -138,11 +138,9 @@ class RunResponder:
         # True while the scanner is at a frame boundary: a chunk that ends at one and holds no
         # RUN_ is then handed over without a look (see send).
         self._fast = False
-        # A chunk that is one frame of a type the tracer said it does not want (most text deltas,
-        # once the kept text is full) is not handed over, if said since the last chunk that may
-        # start a run: ``_generation`` counts those the loop handed over (each is marked in the lane
-        # for the tracer, see BodyTracer.unwanted). A chunk the loop cannot see start a run (its
-        # type written with \u escapes: no RUN_ in its bytes) ends this for the stream.
+        # One frame of a type the tracer does not want (BodyTracer.unwanted, valid while the
+        # generation, bumped at each chunk that may start a run, is the same) is not handed over;
+        # a chunk with a \u escape (may spell RUN_STARTED without those bytes) ends that for good.
         self._skipping = True
         self._generation = 0
         # The run open on this stream, as the loop sees it (result.traceId, the thread's current id).
