@@ -134,7 +134,14 @@ def mlflow_backend(tracking_uri: str, *, setup: bool = True) -> TracingBackend:
 
 
 def drain_workers() -> None:
-    """Wait for the tracer and span workers (each only in the trees that have it)."""
+    """Wait for the tracer and span workers (as each tree of the package names them)."""
+    try:
+        from ambient_tracing.background import drain_workers as drain_all
+    except ImportError:
+        pass
+    else:
+        drain_all(60.0)
+        return
     try:
         from ambient_tracing.tracer.worker import drain_tracer_workers
     except ImportError:

@@ -14,8 +14,9 @@ import pytest
 from ag_ui.encoder import EventEncoder
 
 from ambient_tracing import Observability, TracingMiddleware
+from ambient_tracing.background import Worker
 from ambient_tracing.testing import RecordingBackend
-from ambient_tracing.tracer.worker import Lane, TracerWorker
+from ambient_tracing.tracer.worker import Lane
 from tests.support.agui_app import run_input, scripted_run
 from tests.support.asgi_driver import drive, sse_app
 from tests.support.pair import fetch, serve_pair, sse, strip_ids
@@ -29,7 +30,7 @@ def encoded(events: list) -> list[bytes]:  # type: ignore[type-arg]
     return [encoder.encode(event).encode() for event in events]
 
 
-def hold(worker: TracerWorker) -> threading.Event:
+def hold(worker: Worker) -> threading.Event:
     """Keep ``worker`` busy until the returned event is set (at most 20 s)."""
     release = threading.Event()
     worker.call(lambda: release.wait(20))
@@ -141,7 +142,7 @@ async def test_after_aclose_a_stream_is_passed_through_without_an_id() -> None:
 
 
 def test_a_lane_hands_items_over_in_order_across_batches() -> None:
-    worker = TracerWorker()
+    worker = Worker("test")
     seen: list[int] = []
     lane = Lane(worker, seen.append)
     for index in range(20_000):
@@ -156,7 +157,7 @@ def test_a_lane_hands_items_over_in_order_across_batches() -> None:
 
 
 def test_a_lane_refuses_past_its_bound_while_the_worker_is_stuck() -> None:
-    worker = TracerWorker(max_backlog=10)
+    worker = Worker("test", max_backlog=10)
     release = hold(worker)
     seen: list[int] = []
     lane = Lane(worker, seen.append)

@@ -17,6 +17,7 @@ from pathlib import Path
 from ambient_tracing import backends as backends_package
 from ambient_tracing.backends.base import RatingSink, TraceFinder, TraceOwner, TracingBackend
 from ambient_tracing.backends.rating import Rating
+from ambient_tracing.background import Worker
 from ambient_tracing.config import (
     DEFAULT_RUNNER_TYPE,
     DEFAULT_SESSION_IDLE_SECONDS,
@@ -39,7 +40,6 @@ from ambient_tracing.spans.stack import SpanStack
 from ambient_tracing.tool_signals import ToolCategoriser
 from ambient_tracing.tracer.runs import Runs
 from ambient_tracing.tracer.threads import DEFAULT_IDLE_SECONDS, DEFAULT_MAX_THREADS, ThreadRegistry
-from ambient_tracing.tracer.worker import TracerWorker
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,8 @@ class Observability:
         )
         sessions = self._sessions
         #: The thread every stream's tracer runs on: the doors hand it each chunk or event.
-        self.tracer_worker = TracerWorker(
+        self.tracer_worker = Worker(
+            "ambient-tracing-tracer",
             tick=sessions.sweep_if_due if sessions is not None else None,
             tick_seconds=sessions.tick_seconds if sessions is not None else 30.0,
         )

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ambient_tracing.backends.base import RunStart, SpanKind, SpanSink, TokenUsage
-from ambient_tracing.spans.deferred import drain_span_workers
-from ambient_tracing.tracer.worker import drain_tracer_workers
+from ambient_tracing.background import drain_workers
 
 #: How long reading the recorded spans waits for the span worker.
 DRAIN_SECONDS = 10.0
@@ -130,8 +129,7 @@ class RecordingBackend:
     @property
     def runs(self) -> list[RecordedSpan]:
         """The root span of every run recorded so far, once the tracer and span workers have caught up."""
-        drain_tracer_workers(DRAIN_SECONDS)
-        drain_span_workers(DRAIN_SECONDS)
+        drain_workers(DRAIN_SECONDS)
         with self._lock:
             return list(self._runs)
 

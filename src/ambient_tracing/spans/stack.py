@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 from ambient_tracing.backends.base import RunStart, Span, SpanSink, TracingBackend
 from ambient_tracing.backends.records import RecordSpan
+from ambient_tracing.background import Worker
 from ambient_tracing.failures import capture_internal_exceptions, warn_once
-from ambient_tracing.spans.deferred import SpanWorker, open_deferred_run
+from ambient_tracing.spans.deferred import MAX_BACKLOG, open_deferred_run
 from ambient_tracing.spans.fanout import FanoutSpan
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,19 @@ class SpanStack:
                 )
         self.backends = tuple(backends)
         #: Where the SDK backends' span calls run, off the event loop.
-        self.worker = SpanWorker()
+        self.worker = Worker("ambient-tracing-spans", max_backlog=MAX_BACKLOG)
+
+    @property
+    def worker_behind(self) -> bool:
+        """Whether the span worker is so far behind that new runs skip the SDK backends."""
+        return self.worker.backlog > self.worker.max_backlog
 
     def open(self, run: RunStart) -> Span | None:
         """The run's root span (``run.trace_id`` set), or None when no backend records it."""
         assert run.trace_id is not None
         sinks: list[SpanSink] = []
         called: list[TracingBackend] = []
-        behind = self.worker.overloaded
+        behind = self.worker_behind
         for backend in self.backends:
             if not _accepts(backend, run.trace_id):
                 continue
