@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 
@@ -252,3 +253,25 @@ async def test_a_hidden_run_start_ends_passing_over(hidden: bytes, monkeypatch: 
     assert fed.count(stray[0]) < len(stray)  # strays were passed over...
     assert fed[-len(second) - 1 : -1] == second  # ...nothing after the hidden start was
     assert [turn.output for turn in backend.runs] == ["[REDACTED FOR PRIVACY]", "hello"]
+
+
+@pytest.mark.parametrize("with_tick", [False, True])
+def test_an_idle_worker_sleeps(with_tick: bool) -> None:
+    """Idle, a worker uses no CPU: without a tick it sleeps until woken (it once spun once its
+    first tick time had passed), with one it wakes only to run it."""
+    ticks: list[float] = []
+    worker = Worker(
+        "idle", tick=(lambda: ticks.append(time.monotonic())) if with_tick else None, tick_seconds=0.05
+    )
+    native_id = worker.call(threading.get_native_id).result(5)
+
+    def cpu_seconds() -> float:
+        with open(f"/proc/self/task/{native_id}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu_seconds()
+    time.sleep(1.0)
+    assert cpu_seconds() - before < 0.2  # a spinning thread would use most of the second
+    assert (len(ticks) >= 5) is with_tick
+    assert worker.close(5)

@@ -149,7 +149,9 @@ class Worker:
             if not calls:
                 self._waiting = True
                 if not calls:  # checked after raising the flag: a submit in between is not lost
-                    woken = self._wake.wait(max(next_tick - time.monotonic(), 0.0))
+                    # Asleep until woken, or until the next tick is due (never, without a tick).
+                    timeout = None if self._tick is None else max(next_tick - time.monotonic(), 0.0)
+                    woken = self._wake.wait(timeout)
                     self._wake.clear()
                     if woken:
                         time.sleep(BATCH_SECONDS)  # let a busy stream's next events gather
