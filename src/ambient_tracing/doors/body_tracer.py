@@ -44,7 +44,7 @@ class BodyTracer:
         self._generation = 0
         #: ``(generation, prefixes)``, written here, read by the loop: a chunk that is one frame
         #: starting with one of ``prefixes`` (``data: {"type":"<type>"``) is not wanted as long as
-        #: the loop's generation is the same (see ``RunResponder._passes_over``).
+        #: the loop's generation is the same (see ``RunResponder.send``).
         self.unwanted: tuple[int, tuple[bytes, ...]] = (0, ())
 
     def next_generation(self) -> None:
