@@ -102,10 +102,7 @@ def set_any_value(target: AnyValue, value: Any) -> None:
     elif kind is dict:
         _set_mapping(target, value)
     elif kind is list or kind is tuple:
-        target.array_value.SetInParent()
-        items = target.array_value.values
-        for item in value:
-            set_any_value(items.add(), item)
+        _set_sequence(target, value)
     elif isinstance(value, str):
         _set_text(target, value)
     elif isinstance(value, bool):
@@ -120,7 +117,7 @@ def set_any_value(target: AnyValue, value: Any) -> None:
     elif isinstance(value, Mapping):
         _set_mapping(target, value)
     elif isinstance(value, list | tuple):
-        set_any_value(target, list(value))
+        _set_sequence(target, value)
     elif isinstance(value, bytes):
         target.bytes_value = value
     elif value is not None:
@@ -132,6 +129,13 @@ def _set_text(target: AnyValue, text: str) -> None:
         target.string_value = text
     except UnicodeEncodeError:
         target.string_value = valid_text(text)
+
+
+def _set_sequence(target: AnyValue, value: list[Any] | tuple[Any, ...]) -> None:
+    target.array_value.SetInParent()
+    items = target.array_value.values
+    for item in value:
+        set_any_value(items.add(), item)
 
 
 def _set_mapping(target: AnyValue, value: Mapping[Any, Any]) -> None:

@@ -381,8 +381,9 @@ class RunResponder:
         except Exception as exc:
             self._stop_tracing(exc)
             return
-        self._generation += 1  # the chunk may start a run: what was unwanted before may be wanted
-        self._lane.call(self._body_tracer.next_generation)  # type: ignore[union-attr]
+        if self._skipping:  # else no answer of the tracer's is read again: nothing to mark
+            self._generation += 1  # the chunk may start a run: what was unwanted may be wanted
+            self._lane.call(self._body_tracer.next_generation)  # type: ignore[union-attr]
         if not self._lane.put(body):  # type: ignore[union-attr]
             self._fell_behind()
 
