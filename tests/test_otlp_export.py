@@ -605,10 +605,10 @@ def test_a_span_that_cannot_be_prepared_never_stops_the_exporter(
     backend.flush(10)
     prepare = record_queue.outgoing_record
 
-    def refuse_one(record: SpanRecord) -> SpanRecord:
+    def refuse_one(record: SpanRecord, **options: bool) -> SpanRecord:
         if record.name == "tool_unpreparable":
             raise RuntimeError("cannot be prepared")
-        return prepare(record)
+        return prepare(record, **options)
 
     monkeypatch.setattr(record_queue, "outgoing_record", refuse_one)
     root.start_child("tool_unpreparable", SpanKind.TOOL).end(output="x")

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ambient_tracing import Observability, TracingMiddleware
-from ambient_tracing.privacy import JsonText, decoded, mask, mask_json
+from ambient_tracing.privacy import JsonText, decoded, mask, mask_json, outgoing_payload
 from ambient_tracing.testing import RecordedSpan, RecordingBackend
 from tests.support.asgi_driver import drive, sse_app
 from tests.support.pair import ends_of, strip_ids
@@ -290,6 +290,43 @@ def test_masking_json_text_skips_the_walk_only_when_it_changes_nothing(value: An
     text = JsonText(json.dumps(value, **options))
     assert mask_json(text) == mask(decoded(text))
     assert json.dumps(mask_json(text)) == json.dumps(mask(decoded(text)))
+
+
+@settings(SETTINGS, max_examples=400)
+@given(
+    json_values | st.integers(min_value=60, max_value=70).map(_nested) | _mask_text,
+    st.sampled_from([{}, {"ensure_ascii": False}, {"separators": (",", ":")}]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_payload_kept_as_json_text_shows_what_masking_would_send(
+    value: Any, options: Any, as_json: bool, masked: bool
+) -> None:
+    # For Langfuse (payloads written as JSON text), a tool payload that came as JSON text is sent
+    # as that text when it shows the same as the decoded (and masked) value would.
+    text = JsonText(json.dumps(value, **options) if as_json else value if isinstance(value, str) else "x")
+    expected = mask_json(text) if masked else decoded(text)
+    sent = outgoing_payload(text, masked=masked, as_text=True)
+    if sent is text:
+        assert decoded(text) == expected or text == expected  # JSON showing the value, or the text
+        text.encode("utf-8")  # protobuf can carry it as it is
+    else:
+        assert json.dumps(sent) == json.dumps(expected)
+    assert outgoing_payload(text, masked=masked) == expected  # other destinations: decoded
+
+
+def test_a_long_json_text_payload_is_kept_only_when_nothing_in_it_is_masked() -> None:
+    clean = JsonText(
+        json.dumps({"results": [{"title": f"Forecast {i}", "summary": "rain"} for i in range(9)]})
+    )
+    assert outgoing_payload(clean, masked=True, as_text=True) is clean
+    leaky = JsonText(json.dumps({"note": "s" * 51}))
+    assert outgoing_payload(leaky, masked=True, as_text=True) == {"note": "[REDACTED FOR PRIVACY]"}
+    plain = JsonText("not JSON, and longer than the fifty characters the mask keeps")
+    assert outgoing_payload(plain, masked=True, as_text=True) == "[REDACTED FOR PRIVACY]"
+    assert outgoing_payload(plain, masked=False, as_text=True) is plain
+    surrogate = JsonText('{"k": "\ud83d"}')  # a lone surrogate: protobuf cannot carry the text
+    assert outgoing_payload(surrogate, masked=False, as_text=True) == {"k": "\ud83d"}
 
 
 def test_json_text_with_a_lone_surrogate_is_decoded() -> None:

@@ -86,6 +86,36 @@ def mask_json(value: Any) -> Any:
     return mask(plain)
 
 
+def outgoing_payload(value: Any, *, masked: bool, as_text: bool = False) -> Any:
+    """A tool payload (arguments, result) as it leaves the process: :func:`mask_json` when
+    ``masked``, else :func:`decoded`. For a destination that writes payloads as JSON text anyway
+    (``as_text``: Langfuse), a :class:`JsonText` stays the wire's text where that shows the same
+    (mask off, or nothing in it to mask): neither decoded nor encoded again."""
+    if (
+        as_text
+        and type(value) is JsonText
+        and (
+            not masked
+            or len(value) <= MAX_VISIBLE_CHARS
+            or (_nothing_to_mask(value) and type(decoded(value)) in (dict, list))
+        )
+        and _utf8(value)
+    ):
+        return value
+    return mask_json(value) if masked else decoded(value)
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be UTF-8 (no lone surrogate: JSON escapes them, protobuf cannot)."""
+    if text.isascii():  # O(1) in CPython
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _nothing_to_mask(text: str) -> bool:
     return (
         text.count("{") + text.count("[") < _MAX_DEPTH
@@ -135,7 +165,12 @@ def mask_name(name: str) -> str:
 
 
 def mask_attributes(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    if not attributes:
+    """:func:`mask` for span attributes (the same mapping when nothing in it is long), the
+    conversation id as :func:`mask_id` makes it."""
+    if not attributes or all(
+        type(key) is str and len(key) <= MAX_VISIBLE_CHARS and key != REDACTED and _kept(value)
+        for key, value in attributes.items()
+    ):
         return attributes
     masked: dict[str, Any] = mask(attributes)
     conversation = attributes.get("gen_ai.conversation.id")

@@ -187,6 +187,7 @@ class LangfuseMapper:
             **({"langfuse.environment": environment} if environment else {}),
         }
         self.scope = Scope(SDK_SCOPE, sdk_version, {"public_key": public_key})
+        self.json_as_text = True  # input and output are strings; JSON text stays as it came
         self._trace_cache: tuple[int, dict[str, Any]] | None = None
 
     def _trace_level(self, record: SpanRecord) -> dict[str, Any]:
@@ -225,7 +226,7 @@ class LangfuseMapper:
         metadata = dict(record.attributes or {})
         metadata.update(record.end_attributes or {})
         usage = record.usage
-        details, others = usage_details(usage)
+        details, others = usage_details(usage) if usage else (None, None)
         if others:
             metadata["usage_by_model"] = others
         if generation:

@@ -119,6 +119,7 @@ class MlflowMapper:
         self.experiment_id = experiment_id
         self.resource: Mapping[str, Any] = {}  # a service.name would become a trace tag
         self.scope = Scope("ambient_tracing")
+        self.json_as_text = False  # inputs and outputs go as structured values
 
     def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
         return NO_ATTRIBUTES

@@ -131,6 +131,7 @@ class OtelMapper:
             "telemetry.sdk.version": version,
         }
         self.scope = Scope(SCOPE_NAME, version)
+        self.json_as_text = False  # decoded: a payload's mime type says whether it is JSON
 
     def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
         return NO_ATTRIBUTES

@@ -73,6 +73,9 @@ class SpanMapper(Protocol):
 
     resource: Mapping[str, Any]
     scope: Scope
+    #: Whether tool payloads are written as JSON text (then a payload that came as JSON text may
+    #: stay that text: :func:`~ambient_tracing.privacy.outgoing_payload`).
+    json_as_text: bool
 
     def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
         """The attributes the spans of the record's run share, written first: the same object for
@@ -270,6 +273,7 @@ class OtlpExporter(RecordQueue):
             max_queue=max_queue,
             batch_size=batch_size,
             interval=interval,
+            json_as_text=mapper.json_as_text,
         )
         self.endpoint = endpoint
         self.mapper = mapper

@@ -25,8 +25,9 @@ class RecordQueue:
     records (when full, the oldest is dropped and counted in ``dropped``; the first drop is logged).
     One daemon thread, started on first use, takes batches of ``batch_size`` (at the latest every
     ``interval`` seconds), prepares them as they leave the process (``outgoing_record``: JSON decoded,
-    the privacy mask) and hands each to :meth:`_deliver`, which a subclass writes and which counts
-    ``exported`` / ``failed``. ``flush`` and ``shutdown`` block, each bounded by its timeout."""
+    or kept as text for a destination that writes it as text, ``json_as_text``; the privacy mask)
+    and hands each to :meth:`_deliver`, which a subclass writes and which counts ``exported`` /
+    ``failed``. ``flush`` and ``shutdown`` block, each bounded by its timeout."""
 
     def __init__(
         self,
@@ -36,12 +37,14 @@ class RecordQueue:
         max_queue: int = DEFAULT_MAX_QUEUE,
         batch_size: int = DEFAULT_BATCH_SIZE,
         interval: float = DEFAULT_INTERVAL,
+        json_as_text: bool = False,
     ) -> None:
         self.name = name
         self._thread_name = thread_name
         self._queue: deque[SpanRecord] = deque(maxlen=max(1, max_queue))
         self._batch_size = max(1, batch_size)
         self._interval = max(0.001, interval)
+        self._json_as_text = json_as_text
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -126,7 +129,7 @@ class RecordQueue:
         outgoing = []
         for record in batch:
             try:
-                outgoing.append(outgoing_record(record))
+                outgoing.append(outgoing_record(record, json_as_text=self._json_as_text))
             except Exception as exc:
                 self.failed += 1
                 warn_once(logger, "unprepared", "%s: a span could not be prepared: %r", self.name, exc)

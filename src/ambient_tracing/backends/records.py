@@ -9,7 +9,7 @@ every destination of a run, so the spans are built once.
 
 from __future__ import annotations
 
-import copy
+import operator
 import os
 import random
 import time
@@ -20,13 +20,11 @@ from typing import Any
 from ambient_tracing.backends.base import RunStart, SpanKind, SpanSink, TokenUsage
 from ambient_tracing.privacy import (
     MAX_VISIBLE_CHARS,
-    JsonText,
-    decoded,
     mask,
     mask_attributes,
-    mask_json,
     mask_name,
     mask_text,
+    outgoing_payload,
 )
 
 _span_ids = random.Random(os.urandom(16))
@@ -101,6 +99,16 @@ class SpanRecord:
         self.usage: Sequence[TokenUsage] = ()
         self.end_attributes: Mapping[str, Any] | None = None
         self.standalone = standalone
+
+    def copy(self) -> SpanRecord:
+        """A shallow copy (``copy.copy`` takes three times as long on a slotted object)."""
+        twin = SpanRecord.__new__(SpanRecord)
+        for name, value in zip(SpanRecord.__slots__, _slot_values(self), strict=True):
+            setattr(twin, name, value)
+        return twin
+
+
+_slot_values = operator.attrgetter(*SpanRecord.__slots__)
 
 
 class RecordSpan:
@@ -210,26 +218,27 @@ def standalone_record(
     return record
 
 
-def outgoing_record(record: SpanRecord) -> SpanRecord:
-    """An ended span record as it leaves the process: its :class:`JsonText` decoded and, when its
-    run is masked, everything the core passed masked (its RunStart already is). A copy when
-    anything changes; run on an exporter's thread."""
-    if not record.run.masked:
-        if type(record.input) is not JsonText and type(record.output) is not JsonText:
-            return record
-        plain = copy.copy(record)
-        plain.input, plain.output = decoded(record.input), decoded(record.output)
-        return plain
-    masked = copy.copy(record)
-    masked.name = mask_name(record.name)
-    masked.input = mask_json(record.input)
-    masked.attributes = mask_attributes(record.attributes)
-    masked.output = mask_json(record.output)
-    masked.error = mask_text(record.error)
-    masked.model = mask(record.model)
-    masked.usage = mask_usage(record.usage)
-    masked.end_attributes = mask_attributes(record.end_attributes)
-    return masked
+def outgoing_record(record: SpanRecord, *, json_as_text: bool = False) -> SpanRecord:
+    """An ended span record as it leaves the process: its tool payloads as
+    :func:`~ambient_tracing.privacy.outgoing_payload` makes them (``json_as_text``: for a
+    destination that writes them as JSON text) and, when its run is masked, everything the core
+    passed masked (its RunStart already is). A copy when anything changes; run on an exporter's
+    thread."""
+    masked = record.run.masked
+    input = outgoing_payload(record.input, masked=masked, as_text=json_as_text)
+    output = outgoing_payload(record.output, masked=masked, as_text=json_as_text)
+    if not masked and input is record.input and output is record.output:
+        return record
+    outgoing = record.copy()
+    outgoing.input, outgoing.output = input, output
+    if masked:
+        outgoing.name = mask_name(record.name)
+        outgoing.attributes = mask_attributes(record.attributes)
+        outgoing.error = mask_text(record.error)
+        outgoing.model = mask(record.model)
+        outgoing.usage = mask_usage(record.usage)
+        outgoing.end_attributes = mask_attributes(record.end_attributes)
+    return outgoing
 
 
 def mask_usage(usage: Sequence[TokenUsage]) -> Sequence[TokenUsage]:
