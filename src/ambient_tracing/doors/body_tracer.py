@@ -77,7 +77,7 @@ class BodyTracer:
                 self._skip = skip = chunk[: 6 + typed[1] + 1]
                 self._publish_unwanted(skip)
                 return
-            self._event(data, typed)
+            self._handle(data)
             return
         try:
             frames = scanner.feed(chunk)
@@ -112,9 +112,13 @@ class BodyTracer:
             logger.warning("could not end a trace: %r", exc)
 
     def _event(self, data: bytes, typed: tuple[str, int] | None) -> None:
+        if typed is None or self._tracer.wants(typed[0]):
+            self._handle(data)
+        # else: most text deltas, once the recorded text is full: not worth parsing
+
+    def _handle(self, data: bytes) -> None:
+        """Trace one event the tracer may want (its type unknown, or wanted)."""
         tracer = self._tracer
-        if typed is not None and not tracer.wants(typed[0]):
-            return  # most text deltas, once the recorded text is full: not worth parsing
         try:
             event = fast_json.loads(data)
         except ValueError:
