@@ -96,6 +96,8 @@ def main() -> None:
     groups = [GROUPS[int(n) - 1] for n in args.groups.split(",")] if args.groups else list(GROUPS)
     added: dict[tuple[str, str, str], list[float]] = {}
     tracing: dict[tuple[str, str, str], list[float]] = {}
+    raws: dict[tuple[str, str], list[float]] = {}  # raw's own CPU per event: the machine's speed
+    per_child: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp_name, receiver("langfuse") as langfuse:
         tmp = Path(tmp_name)
         server = MlflowServer(tmp).start(timeout=600)
@@ -106,6 +108,19 @@ def main() -> None:
                     for group in groups:
                         result = run_child(src, group, args.events, args.reps, tmp, server.url, langfuse)
                         raw, null = result["raw"], result["mw-null"]
+                        for clock in ("loop", "process"):
+                            raws.setdefault((label, clock), []).extend(raw[clock])
+                        per_child.append(
+                            [
+                                str(round_index + 1),
+                                label,
+                                fmt(median(raw["process"])),
+                                ", ".join(
+                                    f"{name} {fmt(median(result[name]['process']) - median(raw['process']))}"
+                                    for name in group[1:]
+                                ),
+                            ]
+                        )
                         for name in group[1:]:
                             for clock in ("loop", "process"):
                                 values = result[name][clock]
@@ -118,6 +133,17 @@ def main() -> None:
             server.stop()
     names = list(dict.fromkeys(name for group in groups for name in group[1:]))
     rows = [
+        [
+            "raw itself (absolute: the machine's speed)",
+            *(
+                fmt(median(raws.get((label, clock), []))) if figures is added else ""
+                for clock in ("loop", "process")
+                for figures in (added, tracing)
+                for label in trees
+            ),
+        ]
+    ]
+    rows += [
         [
             name,
             *(
@@ -144,6 +170,9 @@ def main() -> None:
     print(f"### Before/after, {args.events:,}-event runs, {reps} repetitions per variant and tree\n")
     print(f"before = {args.before}\nafter = {args.after}\n")
     print(table(headers, rows))
+    print("\nPer child process (the spread behind the medians):\n")
+    headers = ["round", "tree", "raw process us/ev", "process CPU added us/ev (median of the child)"]
+    print(table(headers, per_child))
 
 
 if __name__ == "__main__":
