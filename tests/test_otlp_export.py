@@ -646,3 +646,13 @@ def test_run_attributes_are_encoded_once_and_written_first_on_every_span() -> No
         assert list(span.attributes) == list(expected)
         assert span.attributes["session.id"] == record.run.thread_id
         assert span.attributes["langfuse.trace.metadata.run_id"] == f'"{record.run.run_id}"'
+
+
+def test_a_record_copy_has_every_slot_of_the_original() -> None:
+    record = SpanRecord(new_trace_id(), 7, "tool_x", SpanKind.TOOL, _turn(new_trace_id()), input={"a": 1})
+    record.end_ns, record.output, record.error, record.model = 9, "out", "boom", "m"
+    record.usage, record.end_attributes, record.input_set = (TokenUsage(input_tokens=1),), {"k": 1}, True
+    twin = record.copy()
+    assert twin is not record
+    for name in SpanRecord.__slots__:
+        assert getattr(twin, name) is getattr(record, name), name

@@ -140,6 +140,13 @@ def _free_key(masked: Mapping[Any, Any], key: Any) -> Any:
     return f"{REDACTED} {number}"
 
 
+def _anything_to_mask(attributes: Mapping[str, Any]) -> bool:
+    for key, value in attributes.items():
+        if type(key) is not str or len(key) > MAX_VISIBLE_CHARS or key == REDACTED or not _kept(value):
+            return True
+    return False
+
+
 def mask_text(text: str | None) -> str | None:
     """A status or error message: a long one keeps a short ``head: `` (an exception type, an error
     code, "run ended") and loses the rest."""
@@ -167,10 +174,7 @@ def mask_name(name: str) -> str:
 def mask_attributes(attributes: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """:func:`mask` for span attributes (the same mapping when nothing in it is long), the
     conversation id as :func:`mask_id` makes it."""
-    if not attributes or all(
-        type(key) is str and len(key) <= MAX_VISIBLE_CHARS and key != REDACTED and _kept(value)
-        for key, value in attributes.items()
-    ):
+    if not attributes or not _anything_to_mask(attributes):
         return attributes
     masked: dict[str, Any] = mask(attributes)
     conversation = attributes.get("gen_ai.conversation.id")

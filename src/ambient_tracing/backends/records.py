@@ -101,10 +101,28 @@ class SpanRecord:
         self.standalone = standalone
 
     def copy(self) -> SpanRecord:
-        """A shallow copy (``copy.copy`` takes three times as long on a slotted object)."""
+        """A shallow copy (``copy.copy`` takes five times as long on a slotted object)."""
         twin = SpanRecord.__new__(SpanRecord)
-        for name, value in zip(SpanRecord.__slots__, _slot_values(self), strict=True):
-            setattr(twin, name, value)
+        (
+            twin.attributes,
+            twin.end_attributes,
+            twin.end_ns,
+            twin.error,
+            twin.input,
+            twin.input_set,
+            twin.is_root,
+            twin.kind,
+            twin.model,
+            twin.name,
+            twin.output,
+            twin.parent_id,
+            twin.run,
+            twin.span_id,
+            twin.standalone,
+            twin.start_ns,
+            twin.trace_id,
+            twin.usage,
+        ) = _slot_values(self)  # every slot, in __slots__ order (a test checks)
         return twin
 
 
