@@ -60,9 +60,9 @@ class BodyTracer:
         if (
             skip is not None
             and chunk.startswith(skip)
-            and chunk.find(10) == len(chunk) - 2  # one line, then the blank line ending the chunk
-            and chunk[-1] == 10
-            and chunk.find(13) < 0  # and no CR making more lines of it
+            and chunk[-2:] == b"\n\n"  # one line, then the blank line ending the chunk
+            and 10 not in chunk[:-2]
+            and 13 not in chunk  # and no CR making more lines of it
         ):
             return
         self._skip = None
@@ -144,10 +144,10 @@ class BodyTracer:
 def event_type(data: bytes) -> tuple[str, int] | None:
     """The ``type`` of an event written type-first (as the AG-UI encoders do), without parsing it,
     and the offset of its closing quote; None when it is not written so, or holds a JSON escape."""
-    if data.startswith(b'{"type":'):
+    if data[:8] == b'{"type":':
         start = 9 if data[8:9] == b'"' else 10 if data[8:10] == b' "' else 0
         end = data.find(b'"', start) if start else -1
-        if end > 0 and data.find(b"\\", start, end) < 0:
+        if end > 0 and 92 not in data[start:end]:  # 92: a backslash (a JSON escape)
             return data[start:end].decode("latin-1"), end
     return None
 

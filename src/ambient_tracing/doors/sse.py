@@ -73,9 +73,9 @@ class SseScanner:
             and not self._buffer
             and not self._held
             and not self._oversized
-            and chunk.startswith(b"data: ")
-            and chunk.find(10) == len(chunk) - 2  # the first LF is the frame's blank line...
-            and chunk[-1] == 10  # ...which ends the chunk
+            and chunk[:6] == b"data: "
+            and chunk[-2:] == b"\n\n"  # the chunk ends in a blank line...
+            and 10 not in chunk[:-2]  # ...right after its first line
             and 13 not in chunk  # and no CR makes another line end
             and len(chunk) - 2 <= self._max_event_bytes
         ):
