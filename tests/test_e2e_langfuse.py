@@ -95,3 +95,42 @@ async def test_sampled_out_runs_get_no_id_event(langfuse_backend: Any) -> None:
     assert streamed.trace_ids == []
     assert "CUSTOM" not in streamed.types
     await obs.aclose()
+
+
+async def test_a_json_tool_payload_reaches_langfuse_as_written_unless_masking_changes_it(
+    langfuse_receiver: LangfuseReceiver, langfuse_backend: Any
+) -> None:
+    # Compact JSON, as no json.dumps default writes it: what arrives is the producer's own text.
+    clean = json.dumps(
+        {"results": [{"title": f"Forecast {i}", "summary": "rain"} for i in range(6)]}, separators=(",", ":")
+    )
+    leaky = json.dumps({"note": "a secret longer than the fifty characters that masking keeps"})
+
+    def frames(body: dict[str, Any]) -> list[bytes]:
+        def event(**fields: Any) -> bytes:
+            return b"data: " + json.dumps(fields, separators=(",", ":")).encode() + b"\n\n"
+
+        return [
+            event(type="RUN_STARTED", threadId="t", runId="r"),
+            event(type="TOOL_CALL_START", toolCallId="c1", toolCallName="clean"),
+            event(type="TOOL_CALL_ARGS", toolCallId="c1", delta='{"city":"Paris"}'),
+            event(type="TOOL_CALL_END", toolCallId="c1"),
+            event(type="TOOL_CALL_RESULT", messageId="m1", toolCallId="c1", content=clean),
+            event(type="TOOL_CALL_START", toolCallId="c2", toolCallName="leaky"),
+            event(type="TOOL_CALL_END", toolCallId="c2"),
+            event(type="TOOL_CALL_RESULT", messageId="m2", toolCallId="c2", content=leaky),
+            event(type="RUN_FINISHED", threadId="t", runId="r"),
+        ]
+
+    obs = Observability([langfuse_backend()])  # masking on, the default
+    with serve(TracingMiddleware(agui_app(raw=frames), observability=obs)) as url:
+        streamed = await post_run(url, run_input("t", "r"))
+    [trace_id] = streamed.trace_ids
+    spans = langfuse_receiver.wait_for_spans(lambda s: sum(x.trace_id == trace_id for x in s) >= 3)
+    tools = {span.name: span.attributes for span in spans if span.trace_id == trace_id}
+    assert tools["tool_clean"]["langfuse.observation.output"] == clean
+    assert tools["tool_clean"]["langfuse.observation.input"] == '{"city":"Paris"}'
+    assert json.loads(tools["tool_leaky"]["langfuse.observation.output"]) == {
+        "note": "[REDACTED FOR PRIVACY]"
+    }
+    await obs.aclose()
