@@ -81,9 +81,7 @@ def mask_json(value: Any) -> Any:
     characters (so no string, key or value, over it), fewer brackets than the depth limit. Tool
     payloads are masked so for every span on the exporters' threads; most hold only short strings."""
     plain = decoded(value)
-    if type(value) is JsonText and type(plain) in (dict, list) and _nothing_to_mask(value):
-        return plain
-    return mask(plain)
+    return plain if _shows_nothing_to_mask(value, plain) else mask(plain)
 
 
 def outgoing_payload(value: Any, *, masked: bool, as_text: bool = False) -> Any:
@@ -91,18 +89,17 @@ def outgoing_payload(value: Any, *, masked: bool, as_text: bool = False) -> Any:
     ``masked``, else :func:`decoded`. For a destination that writes payloads as JSON text anyway
     (``as_text``: Langfuse), a :class:`JsonText` stays the wire's text where that shows the same
     (mask off, or nothing in it to mask): neither decoded nor encoded again."""
-    if (
-        as_text
-        and type(value) is JsonText
-        and (
-            not masked
-            or len(value) <= MAX_VISIBLE_CHARS
-            or (_nothing_to_mask(value) and type(decoded(value)) in (dict, list))
-        )
-        and _utf8(value)
-    ):
+    if not (as_text and type(value) is JsonText and _utf8(value)):
+        return mask_json(value) if masked else decoded(value)
+    if not masked or len(value) <= MAX_VISIBLE_CHARS:
         return value
-    return mask_json(value) if masked else decoded(value)
+    plain = decoded(value)  # parsed once: whether it is JSON, and what to mask when it is needed
+    return value if _shows_nothing_to_mask(value, plain) else mask(plain)
+
+
+def _shows_nothing_to_mask(value: Any, plain: Any) -> bool:
+    """Whether ``value``, a :class:`JsonText` whose JSON value is ``plain``, has nothing to mask."""
+    return type(value) is JsonText and type(plain) in (dict, list) and _nothing_to_mask(value)
 
 
 def _utf8(text: str) -> bool:

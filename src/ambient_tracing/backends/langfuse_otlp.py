@@ -116,6 +116,8 @@ def standalone_props(
 
 def usage_details(usage: Sequence[TokenUsage]) -> tuple[dict[str, int] | None, list[dict[str, Any]]]:
     """Usage for the span and, with several models, the entries after the first (for metadata)."""
+    if not usage:
+        return None, []
 
     def counts(entry: TokenUsage) -> dict[str, int]:
         return {key: value for field, key in USAGE_KEYS if (value := getattr(entry, field)) is not None}
@@ -226,7 +228,7 @@ class LangfuseMapper:
         metadata = dict(record.attributes or {})
         metadata.update(record.end_attributes or {})
         usage = record.usage
-        details, others = usage_details(usage) if usage else (None, None)
+        details, others = usage_details(usage)
         if others:
             metadata["usage_by_model"] = others
         if generation:
