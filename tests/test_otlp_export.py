@@ -8,11 +8,15 @@ hanging collector costs the stream nothing, retries are bounded and memory stays
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import math
 import re
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,13 +29,17 @@ from ambient_tracing.backends.base import RunStart, SpanKind, TokenUsage, Tracin
 from ambient_tracing.backends.langfuse import LangfuseBackend
 from ambient_tracing.backends.langfuse_otlp import LangfuseMapper
 from ambient_tracing.backends.mlflow import MlflowBackend
+from ambient_tracing.backends.mlflow_server import stores_json_text
 from ambient_tracing.backends.otlp import OtlpExporter
 from ambient_tracing.backends.records import RecordSpan, SpanRecord
 from ambient_tracing.ids import new_trace_id
+from ambient_tracing.privacy import JsonText
+from ambient_tracing.spans.outgoing import OutgoingSpan
 from tests.support.agui_app import agui_app, run_input, scripted_run
 from tests.support.client import post_run
 from tests.support.fixtures_langfuse import sdk_langfuse_backend
 from tests.support.fixtures_mlflow import MlflowServer, wait_for_trace
+from tests.support.hanging import HangingServer
 from tests.support.langfuse_receiver import LangfuseReceiver, ReceivedSpan
 from tests.support.server import free_port, serve
 
@@ -56,6 +64,10 @@ def _turn(trace_id: str, run_id: str = "run-1", **overrides: Any) -> RunStart:
     return RunStart(**{**values, **overrides})
 
 
+FETCH_ARGS = {"url": "https://example.com/a", "headers": {"accept": "json"}, "retries": [1, 2.5]}
+FETCH_RESULT = [{"id": 1, "tags": ["a", "b"], "next": None}, {"id": 2, "ok": True, "empty": {}}]
+
+
 def _every_kind_of_span(backend: TracingBackend, trace_id: str, failed_id: str) -> None:
     """One run with a step, tools (one failing), reasoning, a subagent, a per-model generation, usage."""
     root = backend.start_run(_turn(trace_id))
@@ -69,6 +81,11 @@ def _every_kind_of_span(backend: TracingBackend, trace_id: str, failed_id: str) 
     )
     tool.set_input({"query": "life", "n": 3, "nested": {"ok": [1, 2.5, None, True], "empty": [], "none": {}}})
     tool.end(output="42")
+    # Payloads as the wire gave them: an SDK span gets them decoded (OutgoingSpan, on the span worker).
+    fetch = step.start_child("tool_fetch", SpanKind.TOOL)
+    fetch = fetch if getattr(backend, "span_sink", None) else OutgoingSpan(fetch, masked=False)
+    fetch.set_input(JsonText(json.dumps(FETCH_ARGS)))
+    fetch.end(output=JsonText(json.dumps(FETCH_RESULT)))
     step.start_child("tool_bad", SpanKind.TOOL).end(error="boom", attributes={"ambient.tool_result": "none"})
     step.end()
     root.start_child("reasoning", SpanKind.REASONING).end(output="thinking")
@@ -141,17 +158,17 @@ def test_langfuse_spans_carry_exactly_what_the_sdk_writes(langfuse_receiver: Lan
         ids = {"sdk": (new_trace_id(), new_trace_id()), "ours": (new_trace_id(), new_trace_id())}
         _every_kind_of_span(sdk, *ids["sdk"])
         sdk.flush(5)
-        sdk_spans = langfuse_receiver.wait_for_spans(9, timeout=15)
+        sdk_spans = langfuse_receiver.wait_for_spans(10, timeout=15)
         _every_kind_of_span(ours, *ids["ours"])
         ours.flush(5)
-        all_spans = langfuse_receiver.wait_for_spans(18, timeout=15)
+        all_spans = langfuse_receiver.wait_for_spans(20, timeout=15)
     finally:
         sdk.shutdown()
         ours.shutdown()
     our_spans = [span for span in all_spans if span not in sdk_spans]
     expected = _by_name(sdk_spans, {ids["sdk"][0]})
     received = _by_name(our_spans, {ids["ours"][0]})
-    assert expected.keys() == received.keys() and len(expected) == 9
+    assert expected.keys() == received.keys() and len(expected) == 10
     for key_, span in received.items():
         reference = expected[key_]
         # The SDK gives a root with an adopted trace id a made-up remote parent and marks it as_root;
@@ -214,17 +231,19 @@ def test_mlflow_server_traces_over_otlp_look_as_the_sdk_made_them(mlflow_server:
     _every_kind_of_span(sdk, *ids["sdk"])
     ours.flush(10)
     sdk.flush(10)
-    for index, spans in ((0, 7), (1, 1)):
+    for index, spans in ((0, 8), (1, 1)):
         assert _stored(mlflow_server.url, ids["ours"][index], spans) == _stored(
             mlflow_server.url, ids["sdk"][index], spans
         )
-    stored = _stored(mlflow_server.url, ids["ours"][0], 7)
+    stored = _stored(mlflow_server.url, ids["ours"][0], 8)
     assert (
         stored["tags"]["ambient.run_id"] == "run-1"
         and stored["tags"]["mlflow.traceName"] == "llm_interaction"
     )
     assert (stored["session"], stored["user"], stored["state"]) == ("thread-1", "alice", "OK")
     assert stored["token_usage"]["total_tokens"] == 19
+    assert stored["spans"]["tool_fetch"][4:6] == (FETCH_ARGS, FETCH_RESULT)
+    assert ours.span_sink.mapper.json_as_text  # the payloads went as the JSON text they came as
     found = ours.client.search_traces(
         locations=[ours.experiment_id or ""],
         filter_string="tags.`ambient.thread_id` = 'thread-1' AND trace.name = 'Session Metrics'",
@@ -232,6 +251,92 @@ def test_mlflow_server_traces_over_otlp_look_as_the_sdk_made_them(mlflow_server:
     )
     assert len(found) == 2  # one recorded over OTLP, one by the SDK
     ours.shutdown()
+
+
+# Tool payloads as producers write them: compact, non-ASCII, escaped, nested, a JSON string or
+# number, text that only looks like JSON, plain text; and the SDK path's value for each.
+WIRE_PAYLOADS = [
+    '{"q":"météo à Paris","n":3,"deep":{"a":[{"b":[1,{"c":null}]}]}}',
+    '[{"path":"a\\tb.txt","ok":true},{"escaped":"\\u00e9\\n\\"quote\\""}]',
+    ' {"leading": "space"}',
+    '"a JSON string"',
+    "42",
+    '{"truncated": ',
+    "plain text result",
+    "{}",
+    "[]",
+]
+
+
+def test_json_text_payloads_are_stored_by_an_mlflow_server_as_the_sdk_stores_them(
+    mlflow_server: MlflowServer,
+) -> None:
+    """Over OTLP a tool payload that came as JSON text goes as that text (the server stores an
+    object's or array's text as the value); each is stored as the SDK path stores it decoded."""
+    experiment = f"wire-{uuid.uuid4().hex[:8]}"
+    ours = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name=experiment, interval=0.05)
+    sdk = MlflowBackend(tracking_uri=mlflow_server.url, experiment_name=experiment, otlp=False)
+    ours.setup()
+    sdk.setup()
+    assert ours.span_sink is not None and ours.span_sink.mapper.json_as_text
+    ids = {"ours": new_trace_id(), "sdk": new_trace_id()}
+    for label, backend in (("ours", ours), ("sdk", sdk)):
+        root = backend.start_run(_turn(ids[label]))
+        assert root is not None
+        for index, payload in enumerate(WIRE_PAYLOADS):
+            tool = root.start_child(f"tool_{index}", SpanKind.TOOL)
+            tool = tool if label == "ours" else OutgoingSpan(tool, masked=False)
+            tool.set_input(JsonText(payload))
+            tool.end(output=JsonText(payload))
+        root.end(output="done", usage=(TokenUsage(model="m", input_tokens=1),))  # _stored waits for it
+    ours.flush(10)
+    sdk.flush(10)
+    spans = len(WIRE_PAYLOADS) + 1
+    stored = _stored(mlflow_server.url, ids["ours"], spans)
+    assert stored == _stored(mlflow_server.url, ids["sdk"], spans)
+    assert stored["spans"]["tool_0"][4]["deep"] == {"a": [{"b": [1, {"c": None}]}]}
+    assert stored["spans"]["tool_1"][5][1]["escaped"] == 'é\n"quote"'
+    ours.shutdown()
+
+
+@contextlib.contextmanager
+def _answering(status: int, body: bytes) -> Iterator[str]:
+    """A loopback HTTP server that answers every GET with ``status`` and ``body``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_json_text_goes_as_text_only_to_a_server_known_to_store_it_as_the_value(
+    mlflow_server: MlflowServer,
+) -> None:
+    """MLflow 3.6 stored a JSON text attribute as a string (mlflow#18767): the version is asked once
+    at setup, and anything but a 3.7 or later answer (old, unreadable, refused, hung) keeps
+    structured values, which every version stores alike."""
+    assert stores_json_text(mlflow_server.url, 5)
+    for status, body in ((200, b"3.6.0"), (200, b"2.22.1"), (200, b"not a version"), (404, b"3.17.2")):
+        with _answering(status, body) as url:
+            assert not stores_json_text(url, 5), (status, body)
+    with HangingServer() as hanging:
+        started = time.monotonic()
+        assert not stores_json_text(hanging.url, 0.5)
+        assert time.monotonic() - started < 5
+    assert not stores_json_text(f"http://127.0.0.1:{free_port()}", 5)  # nothing listening
 
 
 class _Unencodable:

@@ -86,9 +86,9 @@ def mask_json(value: Any) -> Any:
 
 def outgoing_payload(value: Any, *, masked: bool, as_text: bool = False) -> Any:
     """A tool payload (arguments, result) as it leaves the process: :func:`mask_json` when
-    ``masked``, else :func:`decoded`. For a destination that writes payloads as JSON text anyway
-    (``as_text``: Langfuse), a :class:`JsonText` stays the wire's text where that shows the same
-    (mask off, or nothing in it to mask): neither decoded nor encoded again."""
+    ``masked``, else :func:`decoded`. For a destination that stores a payload's JSON text as its
+    value (``as_text``: Langfuse, an MLflow server 3.7+), a :class:`JsonText` stays the wire's text
+    where that shows the same (mask off, or nothing in it to mask): neither decoded nor encoded again."""
     if not (as_text and type(value) is JsonText and _utf8(value)):
         return mask_json(value) if masked else decoded(value)
     if not masked or len(value) <= MAX_VISIBLE_CHARS:

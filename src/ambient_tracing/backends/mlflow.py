@@ -12,13 +12,9 @@ becomes MLflow's ``tr-<32 hex>``: MLflow's tracer is an OpenTelemetry tracer, an
 
 from __future__ import annotations
 
-import base64
-import http.client
 import logging
-import os
 import re
 import threading
-import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -60,27 +56,26 @@ from ambient_tracing.backends.base import (
 from ambient_tracing.backends.mlflow_otlp import (
     EXPERIMENT_HEADER,
     SPAN_TYPES,
+    TRACE_ID_PREFIX,
     TRACES_PATH,
     MlflowMapper,
     context_metadata,
     context_tags,
-    custom_metadata,
     end_attributes,
     fit_conversation,
     fit_session,
     present,
-    trace_tags,
 )
+from ambient_tracing.backends.mlflow_server import TraceInfoWriter, auth_headers, stores_json_text
 from ambient_tracing.backends.otlp import DEFAULT_TIMEOUT, OtlpExporter
 from ambient_tracing.backends.rating import Rating
-from ambient_tracing.backends.records import RecordSpan, SpanRecord, standalone_record
+from ambient_tracing.backends.records import RecordSpan, standalone_record
 from ambient_tracing.failures import first_time
 from ambient_tracing.ids import new_trace_id, sampled, trace_id_or_new
 
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 10.0
-TRACE_ID_PREFIX = "tr-"
 _SPAN_TYPES = {kind: getattr(SpanType, name) for kind, name in SPAN_TYPES.items()}
 
 
@@ -179,13 +174,14 @@ class MlflowBackend:
             self._sampling_ratio = _sampling_ratio()
             if self.otlp:
                 options = {"timeout": DEFAULT_TIMEOUT, **self._exporter_options}
-                writer = _TraceInfoWriter(self.tracking_uri, experiment_id, float(options["timeout"]))
+                timeout = float(options["timeout"])
+                json_text = stores_json_text(self.tracking_uri, timeout)
                 self.span_sink = OtlpExporter(
                     "mlflow",
                     self.tracking_uri.rstrip("/") + TRACES_PATH,
-                    MlflowMapper(experiment_id),
-                    headers={EXPERIMENT_HEADER: experiment_id, **_auth_headers()},
-                    on_exported=writer,
+                    MlflowMapper(experiment_id, json_as_text=json_text),
+                    headers={EXPERIMENT_HEADER: experiment_id, **auth_headers()},
+                    on_exported=TraceInfoWriter(self.tracking_uri, experiment_id, timeout),
                     **options,
                 )
             else:
@@ -533,103 +529,6 @@ class _ChosenTraceIds(IdGenerator):
             return self._inner.generate_trace_id()
         self._pending.trace_id = None  # one root per call
         return trace_id
-
-
-class _TraceInfoWriter:
-    """Trace metadata that OTLP ingest cannot set (the server derives only session and user from
-    spans): after a run's root span was exported, one ``StartTraceV3`` call per trace with the info
-    MLflow's own client sends (the server merges it): the environment (``mlflow.user``,
-    ``mlflow.source.*``, git), the request/response previews (``mlflow.traceInputs``/``Outputs``),
-    ``user_name`` and ``workflow_*``. Runs on the exporter thread; one try with a timeout, never retried."""
-
-    PATH = "/api/3.0/mlflow/traces"
-
-    def __init__(self, tracking_uri: str, experiment_id: str, timeout: float) -> None:
-        self._url = urllib.parse.urlsplit(tracking_uri.rstrip("/"))
-        self._experiment_id = experiment_id
-        self._timeout = timeout
-        self._headers = {"Content-Type": "application/json", **_auth_headers()}
-        self._environment: dict[str, str] | None = None
-
-    def __call__(self, batch: Sequence[SpanRecord]) -> None:
-        for record in batch:
-            if record.is_root:
-                self._write(record)
-
-    def environment(self) -> dict[str, str]:
-        """What MLflow's tracer resolves once per process (user, source, git), as it does."""
-        if self._environment is None:
-            try:
-                from mlflow.tracing.utils.environment import resolve_env_metadata
-
-                self._environment = {str(k): str(v) for k, v in resolve_env_metadata().items()}
-            except Exception:  # an MLflow without it: the rest of the metadata still goes
-                self._environment = {}
-        return self._environment
-
-    def _write(self, record: SpanRecord) -> None:
-        from mlflow.entities import Trace, TraceData, TraceInfo, TraceLocation, TraceState
-        from mlflow.protos.service_pb2 import StartTraceV3
-        from mlflow.utils.proto_json_utils import message_to_json
-
-        run = record.run
-        metadata = {
-            **self.environment(),
-            TraceMetadataKey.TRACE_SESSION: fit_session(run.thread_id),
-            TraceMetadataKey.TRACE_USER: run.user_id,
-            "mlflow.trace_schema.version": "3",
-            **custom_metadata(record),
-            TraceMetadataKey.INPUTS: preview(record.input),
-            TraceMetadataKey.OUTPUTS: preview(record.output),
-        }
-        info = TraceInfo(
-            trace_id=TRACE_ID_PREFIX + record.trace_id,
-            trace_location=TraceLocation.from_experiment_id(self._experiment_id),
-            request_time=record.start_ns // 1_000_000,
-            execution_duration=max(0, record.end_ns - record.start_ns) // 1_000_000,
-            state=TraceState.ERROR if record.error is not None else TraceState.OK,
-            trace_metadata={key: str(value) for key, value in metadata.items() if value is not None},
-            # A root under a caller's span: the server does not read its tags from it (see trace_tags).
-            tags=trace_tags(record) if record.parent_id is not None else {},
-        )
-        trace = Trace(info=info, data=TraceData(spans=[]))
-        body = message_to_json(StartTraceV3(trace=trace.to_proto()))  # type: ignore[no-untyped-call]
-        url = self._url
-        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        connection = kind(url.hostname or "", url.port, timeout=self._timeout)
-        try:
-            connection.request("POST", url.path + self.PATH, body=body.encode(), headers=self._headers)
-            response = connection.getresponse()
-            response.read(1 << 16)
-            if response.status >= 300:
-                raise RuntimeError(f"HTTP {response.status} from {self.PATH}")
-        finally:
-            connection.close()
-
-
-def preview(value: Any) -> str:
-    """A root's inputs or outputs as MLflow's tracer puts them in the trace metadata: its JSON
-    attribute form, cut to 250 characters ("" for none)."""
-    if value is None:
-        return ""
-    from mlflow.tracing.constant import MAX_CHARS_IN_TRACE_INFO_METADATA, TRUNCATION_SUFFIX
-    from mlflow.tracing.utils import dump_span_attribute_value
-
-    text = dump_span_attribute_value(value)
-    if len(text) > MAX_CHARS_IN_TRACE_INFO_METADATA:
-        text = text[: MAX_CHARS_IN_TRACE_INFO_METADATA - len(TRUNCATION_SUFFIX)] + TRUNCATION_SUFFIX
-    return text
-
-
-def _auth_headers() -> dict[str, str]:
-    """The tracking server's credentials from MLflow's environment variables, as its client sends them."""
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")}
-    return {}
 
 
 def _sampling_ratio() -> float:

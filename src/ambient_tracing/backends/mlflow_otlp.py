@@ -6,7 +6,7 @@ from ``mlflow.spanType`` / ``mlflow.spanInputs`` / ``mlflow.spanOutputs``, token
 ``mlflow.chat.tokenUsage``, trace tags from the root's ``mlflow.traceTag.<key>`` attributes, the
 session from ``session.id`` and the user from ``user.id``. :class:`MlflowMapper` writes those; the
 rest of the trace metadata (previews, environment, ``user_name``, ``workflow_*``) follows in one
-``StartTraceV3`` call per trace (backends/mlflow.py), so the trace looks as when the SDK made it
+``StartTraceV3`` call per trace (backends/mlflow_server.py), so the trace looks as when the SDK made it
 (the root span has ``session.id``/``user.id`` attributes besides). No SDK import: this runs on the
 OTLP exporter thread.
 """
@@ -115,11 +115,13 @@ def end_attributes(model: str | None, usage: Sequence[TokenUsage]) -> dict[str, 
 class MlflowMapper:
     """Records to MLflow span attributes; the root carries the trace's tags."""
 
-    def __init__(self, experiment_id: str) -> None:
+    def __init__(self, experiment_id: str, *, json_as_text: bool = False) -> None:
         self.experiment_id = experiment_id
         self.resource: Mapping[str, Any] = {}  # a service.name would become a trace tag
         self.scope = Scope("ambient_tracing")
-        self.json_as_text = False  # inputs and outputs go as structured values
+        #: Whether a tool payload that came as JSON text may go as that text: for a server that
+        #: stores it as the value it shows (backends/mlflow_server.py); it saves encoding it here.
+        self.json_as_text = json_as_text
 
     def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:
         return NO_ATTRIBUTES
