@@ -73,8 +73,9 @@ class SpanMapper(Protocol):
 
     resource: Mapping[str, Any]
     scope: Scope
-    #: Whether tool payloads are written as JSON text (then a payload that came as JSON text may
-    #: stay that text: :func:`~ambient_tracing.privacy.outgoing_payload`).
+    #: Whether the destination stores a payload's JSON text as the value it holds (Langfuse, an
+    #: MLflow server 3.7+): then a payload that came as JSON text may stay that text
+    #: (:func:`~ambient_tracing.privacy.outgoing_payload`).
     json_as_text: bool
 
     def run_attributes(self, record: SpanRecord) -> Mapping[str, Any]:

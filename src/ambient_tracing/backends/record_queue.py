@@ -25,7 +25,7 @@ class RecordQueue:
     records (when full, the oldest is dropped and counted in ``dropped``; the first drop is logged).
     One daemon thread, started on first use, takes batches of ``batch_size`` (at the latest every
     ``interval`` seconds), prepares them as they leave the process (``outgoing_record``: JSON decoded,
-    or kept as text for a destination that writes it as text, ``json_as_text``; the privacy mask)
+    or kept as text for a destination that stores it as its value, ``json_as_text``; the privacy mask)
     and hands each to :meth:`_deliver`, which a subclass writes and which counts ``exported`` /
     ``failed``. ``flush`` and ``shutdown`` block, each bounded by its timeout."""
 

@@ -239,9 +239,9 @@ def standalone_record(
 def outgoing_record(record: SpanRecord, *, json_as_text: bool = False) -> SpanRecord:
     """An ended span record as it leaves the process: its tool payloads as
     :func:`~ambient_tracing.privacy.outgoing_payload` makes them (``json_as_text``: for a
-    destination that writes them as JSON text) and, when its run is masked, everything the core
-    passed masked (its RunStart already is). A copy when anything changes; run on an exporter's
-    thread."""
+    destination that stores JSON text as its value) and, when its run is masked, everything the
+    core passed masked (its RunStart already is). A copy unless it goes as it is (mask off, payloads
+    unchanged); run on an exporter's thread."""
     masked = record.run.masked
     input = outgoing_payload(record.input, masked=masked, as_text=json_as_text)
     output = outgoing_payload(record.output, masked=masked, as_text=json_as_text)
