@@ -30,7 +30,7 @@ GROUPS = (
     ("raw", "mw-null", "mw-langfuse", "mw-mlflow", "mw-both"),
     ("raw", "mw-null", "mw-mlflow-server", "mw-both-server"),
     ("raw", "mw-null", "mw-otel", "otel", "otel-otlp"),
-    # The production setups only (no sqlite store, whose SDK path takes most of groups 1's time).
+    # The production setups only (no sqlite store, whose SDK path takes most of group 1's time).
     ("raw", "mw-null", "mw-langfuse", "mw-mlflow-server", "mw-both-server"),
 )
 CHILD_TIMEOUT = 1800.0
