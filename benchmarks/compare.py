@@ -100,6 +100,9 @@ def main() -> None:
     added: dict[tuple[str, str, str], list[float]] = {}
     tracing: dict[tuple[str, str, str], list[float]] = {}
     raws: dict[tuple[str, str], list[float]] = {}  # raw's own CPU per event: the machine's speed
+    # Process CPU added as a multiple of raw's in the same repetition: what the machine's phase,
+    # which scales both, leaves out.
+    relative: dict[tuple[str, str], list[float]] = {}
     per_child: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp_name, receiver("langfuse") as langfuse:
         tmp = Path(tmp_name)
@@ -131,6 +134,8 @@ def main() -> None:
                                 added.setdefault((label, name, clock), []).extend(diffs)
                                 diffs = [v - n for v, n in zip(values, null[clock], strict=True)]
                                 tracing.setdefault((label, name, clock), []).extend(diffs)
+                            pairs = zip(result[name]["process"], raw["process"], strict=True)
+                            relative.setdefault((label, name), []).extend((v - r) / r for v, r in pairs)
                         print(f"round {round_index + 1}: {label} {','.join(group)} done", file=sys.stderr)
         finally:
             server.stop()
@@ -173,6 +178,10 @@ def main() -> None:
     print(f"### Before/after, {args.events:,}-event runs, {reps} repetitions per variant and tree\n")
     print(f"before = {args.before}\nafter = {args.after}\n")
     print(table(headers, rows))
+    print("\nProcess CPU added as a multiple of `raw`'s own in the same repetition (median; the")
+    print("machine's phase scales both, so this compares across runs):\n")
+    rows = [[name, *(f"{median(relative.get((label, name), [])):.2f}" for label in trees)] for name in names]
+    print(table(["variant", "process added / raw, before", "after"], rows))
     print("\nPer child process (the spread behind the medians):\n")
     headers = ["round", "tree", "raw process us/ev", "process CPU added us/ev (median of the child)"]
     print(table(headers, per_child))
