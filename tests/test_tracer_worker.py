@@ -10,12 +10,14 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 import pytest
 from ag_ui.encoder import EventEncoder
 
 from ambient_tracing import Observability, TracingMiddleware
 from ambient_tracing.background import Worker
+from ambient_tracing.doors.stream import trace_agui_stream
 from ambient_tracing.testing import RecordingBackend
 from ambient_tracing.tracer.worker import Lane
 from tests.support.agui_app import run_input, scripted_run
@@ -142,18 +144,22 @@ async def test_after_aclose_a_stream_is_passed_through_without_an_id() -> None:
     assert traced.raw == b"".join(chunks) and backend.runs == []
 
 
-def test_a_lane_hands_items_over_in_order_across_batches() -> None:
+def test_a_lane_hands_items_over_in_order_across_batches_with_the_time_each_was_put() -> None:
     worker = Worker("test")
-    seen: list[int] = []
-    lane = Lane(worker, seen.append)
+    seen: list[tuple[int, int]] = []
+    lane = Lane(worker, lambda item, at: seen.append((item, at)))
+    put_at: list[tuple[int, int]] = []
     for index in range(20_000):
+        before = time.time_ns()
         assert lane.put(index)
+        put_at.append((before, time.time_ns()))
         if index % 997 == 0:
             time.sleep(0.001)  # let the worker drain mid-way: the lane is queued again
     done = threading.Event()
     lane.call(done.set)
     assert done.wait(10)
-    assert seen == list(range(20_000))
+    assert [item for item, _ in seen] == list(range(20_000))
+    assert all(low <= at <= high for (_, at), (low, high) in zip(seen, put_at, strict=True))
     assert worker.close(5)
 
 
@@ -161,7 +167,7 @@ def test_a_lane_refuses_past_its_bound_while_the_worker_is_stuck() -> None:
     worker = Worker("test", max_backlog=10)
     release = hold(worker)
     seen: list[int] = []
-    lane = Lane(worker, seen.append)
+    lane = Lane(worker, lambda item, at: seen.append(item))
     accepted = [lane.put(index) for index in range(15)]
     assert accepted == [True] * 10 + [False] * 5
     release.set()
@@ -208,9 +214,9 @@ async def _traced_with_a_worker_keeping_up(
     fed: list[bytes] = []
     feed = BodyTracer.feed
 
-    def spy(self: BodyTracer, chunk: bytes) -> None:
+    def spy(self: BodyTracer, chunk: bytes, at_ns: int | None = None) -> None:
         fed.append(chunk)
-        feed(self, chunk)
+        feed(self, chunk, at_ns)
 
     monkeypatch.setattr(BodyTracer, "feed", spy)
     backend = RecordingBackend()
@@ -275,3 +281,113 @@ def test_an_idle_worker_sleeps(with_tick: bool) -> None:
     assert cpu_seconds() - before < 0.2  # a spinning thread would use most of the second
     assert (len(ticks) >= 5) is with_tick
     assert worker.close(5)
+
+
+TOOL_SECONDS = 0.3  # how long the scripted tool runs: the gap between its START and RESULT events
+
+
+def _slow_tool_run(thread_id: str, run_id: str) -> list[Any]:
+    """A run whose tool takes TOOL_SECONDS (a float between events: sleep that long)."""
+    events = scripted_run(thread_id, run_id)
+    return [*events[:5], TOOL_SECONDS, *events[5:]]  # after TOOL_CALL_END, before its RESULT
+
+
+def _assert_timed_as_on_the_wire(turn: Any, started: int, finished: int) -> None:
+    tool = turn.find("tool_search")
+    assert started <= turn.start_time_ns <= tool.start_time_ns <= finished
+    assert tool.end_time_ns is not None and turn.end_time_ns is not None
+    assert tool.end_time_ns - tool.start_time_ns >= TOOL_SECONDS * 1e9 * 0.9
+    assert tool.end_time_ns <= turn.end_time_ns <= finished  # not when the worker got to them
+
+
+async def test_spans_carry_the_times_their_events_passed_the_middleware_not_the_workers() -> None:
+    """The tracer worker handles a stream's chunks a batch later, or (here) a backlog of a second
+    later, all at once: the spans still start and end when their events passed, so a tool's
+    duration is the one on the wire."""
+    with serve_pair() as pair:
+        release = hold(pair.obs.tracer_worker)
+        try:
+            script = _slow_tool_run("t-timed", "r-timed")
+            path = pair.app.add_stream(
+                [chunk if isinstance(chunk, float) else encoded([chunk])[0] for chunk in script]
+            )
+            started = time.time_ns()
+            await fetch(pair.traced, path, body=run_input("t-timed", "r-timed"))
+            finished = time.time_ns()
+            await asyncio.sleep(1.0)  # the worker is still held: every event waits for it
+        finally:
+            release.set()
+        [turn] = pair.runs("t-timed")
+        _assert_timed_as_on_the_wire(turn, started, finished)
+
+
+async def test_the_python_door_times_spans_as_its_events_passed_too() -> None:
+    recorder = RecordingBackend()
+    obs = Observability([recorder])
+    await obs.start()
+    release = hold(obs.tracer_worker)
+
+    async def events() -> Any:
+        for item in _slow_tool_run("t-timed-py", "r-timed-py"):
+            if isinstance(item, float):
+                await asyncio.sleep(item)
+            else:
+                yield item
+
+    try:
+        started = time.time_ns()
+        seen = [event async for event in trace_agui_stream(events(), obs)]
+        finished = time.time_ns()
+        assert len(seen) == len(scripted_run("t", "r")) + 1  # every event, and the id
+        await asyncio.sleep(1.0)
+    finally:
+        release.set()
+    [turn] = recorder.runs
+    _assert_timed_as_on_the_wire(turn, started, finished)
+    await obs.aclose()
+
+
+async def test_what_a_cut_stream_leaves_open_ends_when_the_stream_ended() -> None:
+    recorder = RecordingBackend()
+    obs = Observability([recorder])
+    await obs.start()
+    release = hold(obs.tracer_worker)
+
+    async def events() -> Any:
+        for item in scripted_run("t-cut", "r-cut")[:5]:  # up to TOOL_CALL_END: no result, no finish
+            yield item
+        await asyncio.sleep(TOOL_SECONDS)  # then the producer stops
+
+    try:
+        started = time.time_ns()
+        assert len([event async for event in trace_agui_stream(events(), obs)]) == 6
+        finished = time.time_ns()
+        await asyncio.sleep(1.0)
+    finally:
+        release.set()
+    [turn] = recorder.runs
+    tool = turn.find("tool_search")
+    assert turn.error == "stream ended before RUN_FINISHED"
+    assert started <= tool.start_time_ns and tool.end_time_ns is not None and turn.end_time_ns is not None
+    assert tool.end_time_ns - tool.start_time_ns >= TOOL_SECONDS * 1e9 * 0.9
+    assert tool.end_time_ns <= turn.end_time_ns <= finished
+    await obs.aclose()
+
+
+async def test_a_response_cut_short_ends_its_open_spans_when_it_ended() -> None:
+    with serve_pair() as pair:
+        release = hold(pair.obs.tracer_worker)
+        try:
+            script = [*encoded(scripted_run("t-cut-mw", "r-cut-mw")[:5]), TOOL_SECONDS]
+            path = pair.app.add_stream(script)
+            await fetch(pair.traced, path, body=run_input("t-cut-mw", "r-cut-mw"))
+            finished = time.time_ns()
+            await asyncio.sleep(1.0)
+        finally:
+            release.set()
+        [turn] = pair.runs("t-cut-mw")
+        tool = turn.find("tool_search")
+        assert turn.error == "stream ended before RUN_FINISHED"
+        assert tool.end_time_ns is not None and turn.end_time_ns is not None
+        assert tool.end_time_ns - tool.start_time_ns >= TOOL_SECONDS * 1e9 * 0.9
+        assert tool.end_time_ns <= turn.end_time_ns <= finished

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class RecordedSpan:
     #: When the span started and (first) ended, as ticks of one process-wide counter.
     started_at: int = field(default_factory=lambda: next(_CLOCK))
     ended_at: int | None = None
+    #: Its start and (first) end time as the tracer gave them (``time.time_ns()``; now when none was).
+    start_time_ns: int = field(default_factory=time.time_ns)
+    end_time_ns: int | None = None
 
     def start_child(
         self,
@@ -62,6 +66,8 @@ class RecordedSpan:
         start_time_ns: int | None = None,
     ) -> RecordedSpan:
         child = RecordedSpan(name, kind, self.trace_id, self, input, dict(attributes or {}))
+        if start_time_ns:
+            child.start_time_ns = start_time_ns
         self.children.append(child)
         return child
 
@@ -81,6 +87,7 @@ class RecordedSpan:
         self.ended += 1
         if self.ended_at is None:
             self.ended_at = next(_CLOCK)
+            self.end_time_ns = end_time_ns or time.time_ns()
         self.output, self.error, self.model, self.usage = output, error, model, tuple(usage)
         self.attributes.update(attributes or {})
 
@@ -157,6 +164,7 @@ class RecordingBackend:
             run.input,
             dict(run.attributes or {}),
             run=run,
+            start_time_ns=run.start_time_ns or time.time_ns(),
         )
         with self._lock:
             self._runs.append(span)

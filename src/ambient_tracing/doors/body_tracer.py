@@ -53,9 +53,10 @@ class BodyTracer:
         in the lane right before that chunk."""
         self._generation += 1
 
-    def feed(self, chunk: bytes) -> None:
-        """Trace the events that ended in ``chunk``. Long because it is the worker's hot path, kept
-        flat: a frame of the type just passed over, then a whole frame, then the general scan."""
+    def feed(self, chunk: bytes, at_ns: int | None = None) -> None:
+        """Trace the events that ended in ``chunk``, which passed the responder at ``at_ns``
+        (``time.time_ns()``; None: now). Long because it is the worker's hot path, kept flat: a
+        frame of the type just passed over, then a whole frame, then the general scan."""
         skip = self._skip
         if (
             skip is not None
@@ -69,6 +70,7 @@ class BodyTracer:
         scanner = self._scanner
         if scanner is None:
             return
+        self._tracer.clock.now_ns = at_ns
         data = scanner.whole_frame(chunk)
         if data is not None:
             typed = event_type(data)
@@ -95,8 +97,10 @@ class BodyTracer:
         if prefix not in prefixes and len(prefixes) < MAX_UNWANTED_TYPES:
             self.unwanted = (self._generation, (*prefixes, prefix))  # one write: the loop reads it whole
 
-    def close(self, error: str | None) -> None:
-        """The body ended (``error`` None: completely): trace what is left, end what is open."""
+    def close(self, error: str | None, at_ns: int | None = None) -> None:
+        """The body ended at ``at_ns`` (``error`` None: completely): trace what is left, end what
+        is open."""
+        self._tracer.clock.now_ns = at_ns
         scanner = self._scanner
         if scanner is not None and error is None:
             for _, data in scanner.finish():

@@ -419,7 +419,8 @@ class RunResponder:
         self._run_ended()
         body_tracer, self._body_tracer = self._body_tracer, None
         if body_tracer is not None and self._lane is not None:
-            self._lane.call(lambda: body_tracer.close(error))
+            ended_ns = time.time_ns()
+            self._lane.call(lambda: body_tracer.close(error, ended_ns))
 
 
 class _Frame(NamedTuple):

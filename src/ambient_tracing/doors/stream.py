@@ -99,7 +99,8 @@ class _TracedEvents:
         # The settled id (if any) is the opener's to give.
         self._tracer = tracer = StreamTracer(observability.runs, request.with_caller(None))
 
-        def trace(event: BaseEvent) -> None:
+        def trace(event: BaseEvent, at_ns: int) -> None:
+            tracer.clock.now_ns = at_ns  # when the event passed: its spans' times
             try:
                 tracer.on_event(_EventView(event))
             except Exception as exc:  # tracing must never break the stream
@@ -139,8 +140,13 @@ class _TracedEvents:
 
     def close(self, error: str | None) -> None:
         self.run_ended()
-        tracer = self._tracer
-        self._lane.call(lambda: tracer.close(error))
+        tracer, ended_ns = self._tracer, time.time_ns()
+
+        def close() -> None:
+            tracer.clock.now_ns = ended_ns  # what is still open ends when the stream did
+            tracer.close(error)
+
+        self._lane.call(close)
 
 
 def _with_result_trace_id(event: BaseEvent, trace_id: str | None) -> BaseEvent:

@@ -68,16 +68,28 @@ class _Text:
         return text + TRUNCATED if self.truncated else text
 
 
+class EventClock:
+    """When the event being traced passed its door (``time.time_ns()``; None: now). The tracer
+    worker handles events a batch (or a backlog) later; the spans they open and end carry this."""
+
+    __slots__ = ("now_ns",)
+
+    def __init__(self) -> None:
+        self.now_ns: int | None = None
+
+
 class _Node:
     """A child span that ends only after its own children, so no span outlives its parent whatever
     the order of events (a producer may close a step or subagent before something opened inside it
-    has ended): the parent's end waits for its last open child and happens then."""
+    has ended): the parent's end waits for its last open child and happens then. Its start and end
+    times are the :class:`EventClock`'s at the event that started and ended it."""
 
-    __slots__ = ("_ending", "_open", "_parent", "_span")
+    __slots__ = ("_clock", "_ending", "_open", "_parent", "_span")
 
-    def __init__(self, span: Span, parent: _Node | None) -> None:
+    def __init__(self, span: Span, parent: _Node | None, clock: EventClock) -> None:
         self._span = span
         self._parent = parent
+        self._clock = clock
         self._open = 0
         self._ending: dict[str, Any] | None = None  # the end waiting for open children
         if parent is not None:
@@ -88,18 +100,20 @@ class _Node:
         return self._span.trace_id
 
     def start_child(self, name: str, kind: SpanKind, **options: Any) -> _Node:
-        return _Node(self._span.start_child(name, kind, **options), self)
+        options.setdefault("start_time_ns", self._clock.now_ns)
+        return _Node(self._span.start_child(name, kind, **options), self, self._clock)
 
     def set_input(self, input: Any) -> None:
         self._span.set_input(input)
 
     def end(self, **options: Any) -> None:
         if self._open:
-            self._ending = options
+            self._ending = options  # ends with the last open child, at that child's time
         else:
             self._finish(options)
 
     def _finish(self, options: dict[str, Any]) -> None:
+        options.setdefault("end_time_ns", self._clock.now_ns)
         self._span.end(**options)
         parent, self._parent = self._parent, None  # ended once: a second end does not count twice
         if parent is not None:
@@ -196,7 +210,7 @@ class StreamTracer:
     ends, so nothing stays open.
     """
 
-    __slots__ = ("_opener", "_request", "_run", "_runs", "_text_limit", "_warned")
+    __slots__ = ("_opener", "_request", "_run", "_runs", "_text_limit", "_warned", "clock")
 
     def __init__(self, runs: Runs, request: RunRequest) -> None:
         self._runs = runs
@@ -204,6 +218,8 @@ class StreamTracer:
         self._opener = RunOpener(runs, request)
         self._run: _RunState | None = None
         self._warned = False
+        #: Set by the door before each event it hands over: when that event passed it.
+        self.clock = EventClock()
         # With the mask on, text past its limit is redacted whole: no need to keep more of it.
         self._text_limit = MAX_VISIBLE_CHARS + 1 if runs.mask_messages else MAX_TEXT_CHARS
 
@@ -291,12 +307,13 @@ class StreamTracer:
             run.metrics.run_ended(usage)
         self._end_open_children(run, f"run ended: {error}" if error else None)
         opened = run.opened
+        now_ns = self.clock.now_ns
         models = {entry.model for entry in usage}
         if len(models) > 1:
             # One generation per model, so each backend prices and sums them separately.
             for entry in usage:
-                opened.span.start_child("model_usage", SpanKind.GENERATION).end(
-                    model=entry.model, usage=(entry,)
+                opened.span.start_child("model_usage", SpanKind.GENERATION, start_time_ns=now_ns).end(
+                    model=entry.model, usage=(entry,), end_time_ns=now_ns
                 )
             usage = ()
         attributes: dict[str, Any] = {"ambient.outcome": outcome} if outcome else {}
@@ -309,6 +326,7 @@ class StreamTracer:
             model=next(iter(models)) if len(models) == 1 else None,
             usage=usage,
             attributes=attributes,
+            end_time_ns=now_ns,
         )
         self._runs.ended(opened)
         self._runs.stream_closed(self)
@@ -342,7 +360,7 @@ class StreamTracer:
         metrics = self._runs.session_metrics(opened, request.user_id, request.user_name)
         self._run = _RunState(
             opened=opened,
-            root=_Node(opened.span, None),
+            root=_Node(opened.span, None, self.clock),
             text=_Text(self._text_limit),
             metrics=metrics,
             spans_left=MAX_SPANS_PER_RUN,

@@ -17,6 +17,7 @@ hold memory without bound.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -28,18 +29,21 @@ logger = logging.getLogger(__name__)
 
 
 class Lane:
-    """One stream's items on their way to the tracer worker, handled there in order by ``handle``.
+    """One stream's items on their way to the tracer worker, handled there in order by ``handle``
+    with the time each was put (``time.time_ns()``: when it passed the door, so the spans it opens
+    or ends carry that time, not the worker's, which may be a batch or a backlog later).
 
-    :meth:`put` is the hot path: a deque append and a flag test, no allocation the garbage
+    :meth:`put` is the hot path: two deque appends and a flag test, no allocation the garbage
     collector tracks (a queued tuple per chunk would be promoted and make full collections come
     sooner). The lane is queued on the worker once per batch, when its first item arrives."""
 
-    __slots__ = ("_handle", "_items", "_max_pending", "_scheduled", "_worker")
+    __slots__ = ("_handle", "_items", "_max_pending", "_scheduled", "_times", "_worker")
 
-    def __init__(self, worker: Worker, handle: Callable[[Any], object]) -> None:
+    def __init__(self, worker: Worker, handle: Callable[[Any, int], object]) -> None:
         self._worker = worker
         self._handle = handle
         self._items: deque[Any] = deque()
+        self._times: deque[int] = deque()  # one per item that is not a call, in the same order
         self._scheduled = False
         self._max_pending = worker.max_backlog
 
@@ -48,7 +52,8 @@ class Lane:
         items = self._items
         if len(items) >= self._max_pending:
             return False
-        items.append(item)  # first, then the flag: a drain that has just begun still sees it
+        self._times.append(time.time_ns())
+        items.append(item)  # after its time, then the flag: a drain that has just begun sees both
         if self._scheduled:
             return True
         self._scheduled = True
@@ -64,20 +69,21 @@ class Lane:
 
     def _refused(self) -> bool:
         self._items.pop()
+        self._times.pop()
         self._scheduled = False
         return False
 
     def _drain(self) -> None:
         # Reset first: an item put while this runs queues the lane again (at worst, an empty drain).
         self._scheduled = False
-        items, handle = self._items, self._handle
+        items, times, handle = self._items, self._times, self._handle
         while items:
             item = items.popleft()
             if type(item) is _LaneCall:
                 with capture_internal_exceptions(logger, "a tracer call failed", once="lane call"):
                     item.function()
             else:
-                handle(item)
+                handle(item, times.popleft())
 
 
 class _LaneCall:
