@@ -391,3 +391,20 @@ async def test_a_response_cut_short_ends_its_open_spans_when_it_ended() -> None:
         assert tool.end_time_ns is not None and turn.end_time_ns is not None
         assert tool.end_time_ns - tool.start_time_ns >= TOOL_SECONDS * 1e9 * 0.9
         assert tool.end_time_ns <= turn.end_time_ns <= finished
+
+
+async def test_a_run_the_worker_opens_itself_starts_when_its_event_passed() -> None:
+    escaped = b'data: {"type":"RUN\\u005fSTARTED","threadId":"t-esc-time","runId":"r-esc-time"}\n\n'
+    events = scripted_run("t-esc-time", "r-esc-time")
+    with serve_pair() as pair:
+        release = hold(pair.obs.tracer_worker)
+        try:
+            path = pair.app.add_stream([escaped, *encoded(events[1:5]), TOOL_SECONDS, *encoded(events[5:])])
+            started = time.time_ns()
+            await fetch(pair.traced, path, body=run_input("t-esc-time", "r-esc-time"))
+            finished = time.time_ns()
+            await asyncio.sleep(1.0)
+        finally:
+            release.set()
+        [turn] = pair.runs("t-esc-time")
+        _assert_timed_as_on_the_wire(turn, started, finished)

@@ -179,8 +179,9 @@ class RunOpener:
         self._runs = runs
         self._request = request
 
-    def open(self, event: Event) -> OpenRun | None:
-        """Open the run a RUN_STARTED event starts; None when no backend records it."""
+    def open(self, event: Event, start_time_ns: int | None = None) -> OpenRun | None:
+        """Open the run a RUN_STARTED event starts (at ``start_time_ns``, else now); None when no
+        backend records it."""
         request = self._request
         run_input = event.get("input")
         user_message = (
@@ -199,6 +200,7 @@ class RunOpener:
             user_name=request.user_name,
             input=user_message if user_message is not None else request.user_message,
             caller=caller,
+            start_time_ns=start_time_ns,
         )
 
 
@@ -239,8 +241,8 @@ class StreamTracer:
 
     def on_event(self, event: Event) -> str | None:
         kind = event.get("type")
-        if kind == "RUN_STARTED":
-            return self.start_run(self._opener.open(event))
+        if kind == "RUN_STARTED":  # one the door did not open (e.g. its type written with escapes)
+            return self.start_run(self._opener.open(event, self.clock.now_ns))
         run = self._run
         handler = _HANDLERS.get(kind) if run is not None and isinstance(kind, str) else None
         if handler is not None:

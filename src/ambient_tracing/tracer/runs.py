@@ -112,6 +112,7 @@ class Runs:
         input: Any,
         trace_id: str | None = None,
         caller: CallerTrace | None = None,
+        start_time_ns: int | None = None,
     ) -> OpenRun | None:
         """Start the run in every backend under one trace id; None when no backend records it.
 
@@ -120,7 +121,7 @@ class Runs:
         traceparent: an id the app chose); the id derived from ``run_id`` when that option is on
         and the id is admitted; else a new random one. No SDK call happens here (see
         :mod:`ambient_tracing.spans.stack`). None after :meth:`close`: no run is announced that no
-        backend would record.
+        backend would record. The run starts at ``start_time_ns`` (epoch ns), else now.
         """
         if self.closed:
             return None
@@ -135,6 +136,8 @@ class Runs:
         run = self._run_start(chosen, thread_id, run_id, user_id, user_name, input, context)
         if caller is not None:
             run = replace(run, parent_span_id=caller.parent_span_id, root_span_id=caller.root_span_id)
+        if start_time_ns is not None:
+            run = replace(run, start_time_ns=start_time_ns)
         span = self.spans.open(run)
         if span is None:
             return None
