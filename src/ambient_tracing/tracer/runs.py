@@ -133,11 +133,9 @@ class Runs:
             or new_trace_id()
         )
         context = dict(self._context())
-        run = self._run_start(chosen, thread_id, run_id, user_id, user_name, input, context)
+        run = self._run_start(chosen, thread_id, run_id, user_id, user_name, input, context, start_time_ns)
         if caller is not None:
             run = replace(run, parent_span_id=caller.parent_span_id, root_span_id=caller.root_span_id)
-        if start_time_ns is not None:
-            run = replace(run, start_time_ns=start_time_ns)
         span = self.spans.open(run)
         if span is None:
             return None
@@ -154,6 +152,7 @@ class Runs:
         user_name: str | None,
         input: Any,
         context: Mapping[str, str],
+        start_time_ns: int | None,
     ) -> RunStart:
         """What the run opens with in every backend: masked (when on) but for the operator's context."""
         run = RunStart(
@@ -166,7 +165,7 @@ class Runs:
             turn_number=self.threads.next_turn_number(thread_id) if thread_id else 1,
             input=input,
             trace_id=trace_id,
-            start_time_ns=time.time_ns(),
+            start_time_ns=start_time_ns or time.time_ns(),
             attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": thread_id or ""},
         )
         if self.mask_messages:
