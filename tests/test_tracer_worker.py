@@ -408,3 +408,21 @@ async def test_a_run_the_worker_opens_itself_starts_when_its_event_passed() -> N
             release.set()
         [turn] = pair.runs("t-esc-time")
         _assert_timed_as_on_the_wire(turn, started, finished)
+
+
+def test_a_refused_put_whose_item_a_running_drain_took_stands() -> None:
+    """The worker may refuse to queue a lane (its backlog full) while a drain of that lane, begun
+    earlier, is still running and takes the item just put: the put then stands (the item was
+    handled) and nothing raises into the response that put it."""
+
+    class RacingWorker:
+        max_backlog = 10
+
+        def submit(self, call: Any) -> bool:
+            call()  # the drain that was running takes the item...
+            return False  # ...and the worker's backlog is full
+
+    seen: list[int] = []
+    lane = Lane(RacingWorker(), lambda item, at: seen.append(item))  # type: ignore[arg-type]
+    assert lane.put(1) and lane.put(2)
+    assert seen == [1, 2]

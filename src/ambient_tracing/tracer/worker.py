@@ -68,9 +68,14 @@ class Lane:
             self._worker.call(self._drain)
 
     def _refused(self) -> bool:
+        """The worker refused to queue the lane: take back the item just put, unless a drain that
+        was running meanwhile took it (the loop is the only producer, so it is the last one if it
+        is still there): then it was handled and the put stands."""
+        self._scheduled = False
+        if not self._items:
+            return True
         self._items.pop()
         self._times.pop()
-        self._scheduled = False
         return False
 
     def _drain(self) -> None:
